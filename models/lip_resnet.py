@@ -61,10 +61,7 @@ class Bottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shared = self.bottleneck_shared(x) if self.stride == 2 else None
         out = self.relu(self.bn1(self.conv1(x)))
-        if shared is None:
-            out = self.conv2(out)
-        else:
-            out = self.conv2[1](self.conv2[0](out, shared))
+        out = self.conv2(out) if shared is None else self.conv2[1](self.conv2[0](out, shared))
         out = self.relu(self.bn2(out))
         out = self.bn3(self.conv3(out))
 
