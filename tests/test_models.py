@@ -133,7 +133,8 @@ def _randomise(model: nn.Module, seed: int) -> nn.Module:
                 if name.endswith("running_var"):
                     t.copy_(torch.rand(t.shape, generator=g) + 0.5)
                 elif name.endswith(("weight", "bias", "running_mean")) and t.dim() == 1:
-                    t.copy_(torch.randn(t.shape, generator=g) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
+                    gain = 0.2 if ".bn3." in name else 1.0  # small last-BN gains keep residual sums bounded
+                    t.copy_(torch.randn(t.shape, generator=g) * 0.1 + (gain if name.endswith("weight") else 0.0))
                 else:
                     fan_in = t[0].numel() if t.dim() > 1 else 1
                     t.copy_(torch.randn(t.shape, generator=g) * (2.0 / fan_in) ** 0.5)
@@ -148,16 +149,24 @@ def _naive_gated_lip2d(x: torch.Tensor, z: torch.Tensor, coeff: float = 12.0, ke
 
 @pytest.mark.parametrize("name", LIP_MODELS)
 def test_logits_match_the_naive_formula(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    """Our fused operator inside the whole network vs the authors' exp/avg_pool formula, fp32."""
+    """Our fused operator inside the whole network vs the authors' exp/avg_pool formula in fp32.
+
+    Both are compared with the float64 forward pass: the fused path must be as accurate as the formula
+    (the fp32 noise floor of a deep network), and the two must agree to 2e-6 relative to the logits.
+    """
     torch.manual_seed(0)
     model = _randomise(create_model(name, num_classes=100), seed=1)
-    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        ours = model(x)
+        ours = model(x).double()
         monkeypatch.setattr(models.layers, "gated_lip2d", _naive_gated_lip2d)
-        naive = model(x)
-    assert torch.isfinite(naive).all() and naive.abs().max() > 0.1
-    assert (ours - naive).abs().max().item() <= 2e-6
+        naive = model(x).double()
+        truth = model.double()(x.double())
+    scale = truth.abs().max().item()
+    assert torch.isfinite(naive).all() and scale > 0.1
+    err_ours, err_naive = (ours - truth).abs().max().item(), (naive - truth).abs().max().item()
+    assert err_ours <= 1.5 * err_naive + 1e-7 * scale
+    assert (ours - naive).abs().max().item() <= 2e-6 * max(scale, 1.0)
 
 
 @pytest.mark.parametrize("name", ["lip_resnet50", "lip_densenet121"])
