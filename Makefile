@@ -18,12 +18,19 @@ test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
+DEMO := demo_out
+
+# The main job on a CPU: a small JPEG dataset, a tiny LIP-ResNet trained and evaluated; the eval JSON line last.
 demo: setup
-	$(PY) scripts/model_table.py
-	$(PY) scripts/bench_lip.py
+	$(PY) scripts/make_demo_data.py --out $(DEMO)/data --classes 6 --train-per-class 100 --val-per-class 40 --seed 0
+	rm -rf $(DEMO)/run
+	$(PY) train.py --config configs/demo.yaml output_dir=$(DEMO)/run data.root=$(DEMO)/data
+	@echo "view the run:  $(VENV)/bin/tensorboard --logdir $(DEMO)/run/tb"
+	$(PY) eval.py --config configs/demo.yaml --checkpoint $(DEMO)/run/checkpoints/last.pth \
+		output_dir=$(DEMO)/run data.root=$(DEMO)/data
 
 lint: setup
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf build
+	rm -rf build $(DEMO)
