@@ -1,0 +1,60 @@
+"""Evaluate a checkpoint (ours or the authors' release) on data.root/val: single 224 center crop.
+
+    python eval.py --config configs/lip_resnet50.yaml --checkpoint lip_resnet-50.pth.tar data.root=/data/imagenet
+    torchrun --nproc_per_node=8 eval.py --config ... --checkpoint ...
+
+Each image is counted exactly once whatever the number of ranks. The last line printed is JSON:
+{"images": 50000, "top1": ..., "top5": ..., "loss": ...} (top-1/top-5 in percent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from data import build_loader
+from models import create_model, load_checkpoint
+from training import distributed
+from training.cli import ArgumentParser, run_main
+from training.config import load_config
+from training.distributed import Dist
+from training.engine import evaluate
+from training.errors import UserError
+from training.logger import RunLog
+from training.recipe import autocast_for
+
+
+def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
+    cfg = load_config(args.config, args.overrides)
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_file():
+        raise UserError(f"{checkpoint}: checkpoint file not found")
+    distributed.init(d)
+
+    batch_per_rank = max(1, cfg["train"]["batch_size"] // d.world_size)
+    loader = build_loader(cfg["data"], "val", batch_size=batch_per_rank, rank=d.rank, world_size=d.world_size,
+                          seed=cfg["seed"], device=d.device, cache_dir=cfg["data"]["cache_dir"],
+                          log=log.info if d.is_main else (lambda _msg: None))
+    model = create_model(cfg["model"], num_classes=cfg["num_classes"] or len(loader.classes))
+    load_checkpoint(model, checkpoint)  # weights_only: refuses pickles that would run code
+    channels_last = cfg["train"]["channels_last"] and d.device.type == "cuda"
+    model = model.to(d.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+
+    result = evaluate(model, loader, d, autocast_for(cfg["train"]["amp"], d.device), channels_last)
+    log.info(f"{cfg['model']} from {checkpoint}: {result.images} images on {d.world_size} rank(s), "
+             f"top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}%, loss {result.loss:.4f}, {result.seconds:.1f} s")
+    if d.is_main:
+        print(json.dumps({"images": result.images, "top1": round(result.top1, 4), "top5": round(result.top5, 4),
+                          "loss": round(result.loss, 6)}), flush=True)
+
+
+if __name__ == "__main__":
+    parser = ArgumentParser(description=__doc__)
+    parser.add_argument("--checkpoint", required=True, help="our .pth or the authors' release")
+    parser.add_overrides()
+    world = distributed.world_from_env()
+    run_log = RunLog(world.rank, world.world_size)
+    run_main(lambda: main(parser.parse_args(), world, run_log), run_log)

@@ -1,0 +1,47 @@
+"""The run's text log: rank 0 writes the console and `output_dir/train.log`; other ranks stay quiet except
+for lines every rank must print (stop/checkpoint notices, errors)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class RunLog:
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+        self._file = None
+
+    def open(self, path: Path) -> None:
+        """Start appending to train.log (rank 0); a resumed run continues the same file."""
+        if self.rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", buffering=1)  # noqa: SIM115 - held for the whole run
+
+    def _to_file(self, msg: str) -> None:
+        if self._file is not None:
+            self._file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+
+    def info(self, msg: str, console: bool = True) -> None:
+        """A rank-0 line; `console=False` keeps it to train.log (e.g. while the progress bar shows it)."""
+        if self.rank != 0:
+            return
+        self._to_file(msg)
+        if console:
+            tqdm.write(msg, file=sys.stdout)
+            sys.stdout.flush()
+
+    def every_rank(self, msg: str, error: bool = False) -> None:
+        """A line every rank prints (prefixed with the rank under torchrun); rank 0 also logs it."""
+        prefix = f"[rank {self.rank}] " if self.world_size > 1 else ""
+        tqdm.write(prefix + msg, file=sys.stderr if error else sys.stdout)
+        (sys.stderr if error else sys.stdout).flush()
+        self._to_file(msg)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
