@@ -18,8 +18,8 @@ Large logits: logits are used unshifted while every logit of an (n, c) plane lie
 window's maximum logit subtracted before exp, so e.g. logit = 100 * x stays finite and tends to max
 pooling instead of overflowing. (The pure-PyTorch path checks for such planes with one host sync per forward.)
 
-Not supported: double backward (the backward is itself a fused kernel); torch.compile graph-breaks around the
-C++ kernel.
+Not supported: double backward (the backward is itself a fused kernel). Under torch.compile both functions
+run eagerly (a graph break), as the kernel is opaque and the range check is data-dependent.
 """
 
 from __future__ import annotations
@@ -287,6 +287,7 @@ def _check(name: str, x: torch.Tensor, t: torch.Tensor, k: int, st: int, p: int)
                          f"with padding {p}")
 
 
+@torch.compiler.disable  # opaque kernel and a data-dependent branch: torch.compile runs it eagerly
 def lip2d(x: torch.Tensor, logit: torch.Tensor, kernel_size: int = 3, stride: int = 2,
           padding: int = 1) -> torch.Tensor:
     """LIP pooling of x weighted by exp(logit); output size as F.avg_pool2d (ceil_mode=False)."""
@@ -294,6 +295,7 @@ def lip2d(x: torch.Tensor, logit: torch.Tensor, kernel_size: int = 3, stride: in
     return _LIPFunction.apply(x, logit, 0.0, False, kernel_size, stride, padding)
 
 
+@torch.compiler.disable
 def gated_lip2d(x: torch.Tensor, z: torch.Tensor, coeff: float = 12.0, kernel_size: int = 3, stride: int = 2,
                 padding: int = 1) -> torch.Tensor:
     """lip2d(x, coeff * sigmoid(z)) with the gate fused: backward keeps z, not the gated logit."""

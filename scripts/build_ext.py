@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,10 +55,11 @@ def main() -> int:
         load(name=spec.name, sources=[str(s) for s in spec.sources], extra_cflags=list(spec.cflags),
              extra_ldflags=list(spec.ldflags), build_directory=str(spec.build_dir), verbose=args.verbose,
              is_python_module=False)
-    except (RuntimeError, OSError, ImportError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"warning: lip extension build failed ({reason}); models.lip will use its slower "
-              "pure-PyTorch path. See the compiler output with: python scripts/build_ext.py --verbose")
+    except (RuntimeError, OSError, ImportError, subprocess.SubprocessError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = reason if len(reason) <= 100 else reason[:97] + "..."
+        print(f"warning: lip extension build failed ({reason}); models.lip will use its slower pure-PyTorch path. "
+              "See the compiler output with: python scripts/build_ext.py --verbose")
         return 0
     print(f"lip extension: built {where} in {time.perf_counter() - start:.0f} s")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from models.lip import gated_lip2d, lip2d, lip_backend
 
 REPO = Path(__file__).resolve().parents[1]
 GEOMETRIES = [(3, 2, 1), (2, 2, 0), (3, 1, 1)]
-HAVE_COMPILER = shutil.which("c++") is not None
+HAVE_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None
 
 
 @pytest.fixture(autouse=True, scope="module")
