@@ -32,7 +32,7 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
         raise UserError(f"{checkpoint}: checkpoint file not found")
-    distributed.init(d)
+    distributed.init(d, cfg["train"]["cpu_threads"])
 
     batch_per_rank = max(1, cfg["train"]["batch_size"] // d.world_size)
     loader = build_loader(cfg["data"], "val", batch_size=batch_per_rank, rank=d.rank, world_size=d.world_size,

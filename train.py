@@ -19,9 +19,9 @@ from models import create_model, importance_maps
 from training import distributed
 from training.checkpoint import Checkpointer, load_for_resume, remove_stale_temporaries, seed_all
 from training.cli import ArgumentParser, run_main
-from training.config import ConfigError, check_world_size, load_config, save_config
+from training.config import check_world_size, load_config, save_config
 from training.distributed import Dist, any_rank
-from training.engine import EpochContext, TrainState, evaluate, train_one_epoch
+from training.engine import EpochContext, TrainState, describe_row, epoch_row, evaluate, train_one_epoch
 from training.errors import UserError
 from training.logger import RunLog
 from training.metrics import Metrics
@@ -38,7 +38,7 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
     except OSError as e:
         raise UserError(f"output_dir {out}: cannot create it ({e.strerror})") from None
     stop = StopRequest().install()  # before loader workers fork, so they inherit it
-    distributed.init(d)
+    distributed.init(d, cfg["train"]["cpu_threads"])
     seed_all(cfg["seed"])  # the same initial weights on every rank (the EMA copy is taken before DDP syncs)
     if d.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -50,9 +50,6 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
     train_loader = build_loader(cfg["data"], "train", batch_size=batch_per_rank, **loader_args)
     val_loader = build_loader(cfg["data"], "val", batch_size=batch_per_rank, **loader_args)
     steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise ConfigError(f"train.batch_size={cfg['train']['batch_size']} is larger than the "
-                          f"{train_loader.num_images} training images in {cfg['data']['root']}")
     num_classes = cfg["num_classes"] or len(train_loader.classes)
 
     channels_last = cfg["train"]["channels_last"] and d.device.type == "cuda"
@@ -85,23 +82,18 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
     ctx = EpochContext(cfg, d, stop, log, metrics, ckpt.save, steps_per_epoch)
     ddp_model = distributed.wrap_ddp(model, d)
 
+    keep = cfg["tb"]["num_images"] if d.is_main else 0
     while state.epoch < cfg["train"]["epochs"]:
         if train_one_epoch(ddp_model, train_loader, recipe, state, ctx):
             break
-        keep = cfg["tb"]["num_images"] if d.is_main else 0
         val = evaluate(model, val_loader, d, recipe.autocast, channels_last, keep=keep)
-        row = {"epoch": state.epoch, "step": state.global_step, "lr": recipe.optimizer.param_groups[0]["lr"],
-               "train_loss": state.loss_sum / max(state.step, 1), "val_loss": val.loss, "val_top1": val.top1,
-               "val_top5": val.top5, "images_per_sec": state.images / max(state.seconds, 1e-9)}
+        ema_val = None
         if recipe.ema is not None:
             ema_val = evaluate(recipe.ema.module, val_loader, d, recipe.autocast, channels_last)
-            row.update(val_loss_ema=ema_val.loss, val_top1_ema=ema_val.top1, val_top5_ema=ema_val.top5)
-        row["epoch_time"] = state.seconds + val.seconds
-        log.info(f"epoch {row['epoch']} done: train loss {row['train_loss']:.4f}, val loss {val.loss:.4f}, "
-                 f"top-1 {val.top1:.2f}%, top-5 {val.top5:.2f}% ({val.images} images), "
-                 f"{row['images_per_sec']:.1f} img/s, {row['epoch_time']:.1f} s")
+        row = epoch_row(state, recipe.optimizer.param_groups[0]["lr"], val, ema_val)
+        log.info(describe_row(row))
         is_best = state.finish_epoch(row)
-        ckpt.save(state, best=is_best)
+        ckpt.save(state, best=is_best)  # holds the row: metrics.jsonl is rebuilt from it after a crash
         if metrics is not None:
             metrics.epoch_row(row)
             if val.samples is not None:

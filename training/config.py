@@ -66,6 +66,8 @@ SCHEMA: dict[str, Option] = {
     "train.epochs": Option(90, int, "epochs to train", minimum=1),
     "train.batch_size": Option(256, int, "GLOBAL batch size, split evenly across ranks", minimum=1),
     "train.amp": Option("off", str, "mixed precision (fp16 uses a GradScaler)", choices=AMP_CHOICES),
+    "train.cpu_threads": Option(None, int, "torch threads per process on a CPU; null = torch's default (all cores, "
+                                "or OMP_NUM_THREADS)", minimum=1, nullable=True),
     "train.channels_last": Option(True, bool, "channels_last memory format (applied on GPU only)"),
     "train.log_every": Option(50, int, "steps between train.log lines and TensorBoard train scalars", minimum=1),
     "train.label_smoothing": Option(0.0, float, "label smoothing (timm loss); 0 = off", minimum=0.0, maximum=0.99),

@@ -41,10 +41,16 @@ def world_from_env() -> Dist:
     return Dist(rank, world_size, local_rank, device)
 
 
-def init(d: Dist) -> None:
-    """Join the process group (when there is more than one rank) and pin this rank's GPU."""
+def init(d: Dist, cpu_threads: int | None = None) -> None:
+    """Join the process group (when there is more than one rank), pin this rank's GPU or set its CPU threads.
+
+    On a busy CPU, OpenMP threads that wait for each other spin; one thread per process can then be
+    several times faster (the CPU demo measured ~10x on 2 shared cores).
+    """
     if d.device.type == "cuda":
         torch.cuda.set_device(d.device)
+    elif cpu_threads:
+        torch.set_num_threads(cpu_threads)
     if d.enabled and not dist.is_initialized():
         backend = "nccl" if d.device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=d.device if d.device.type == "cuda" else None)

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from data.geometry import MEAN, STD
 
 
 def _hot(gray: torch.Tensor) -> torch.Tensor:
@@ -34,8 +33,8 @@ def importance_grid(images: torch.Tensor, maps: Mapping[str, torch.Tensor]) -> t
     Maps are averaged over channels and scaled to [0,1] per image, so each shows where that layer weighs
     its pooling windows most, not the absolute magnitude.
     """
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
     images = images.detach().float().cpu()
     columns = [(images * std + mean).clamp(0, 1)]
     for m in maps.values():
