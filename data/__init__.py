@@ -10,8 +10,9 @@
 
 cfg is the config's `data` section: root (holding train/<wnid>/ and val/<wnid>/; class index = sorted
 wnid order), backend ('dali' GPU decode | 'dali_cpu' | 'torchvision'), workers (threads/processes per
-rank), image_size (224), val_resize (256), and optionally cache_dir (used when the cache_dir argument
-is None). batch_size is per rank.
+rank), image_size (224), val_resize (256), and optionally cache_dir (the file-index cache folder; when
+set it wins over the cache_dir argument, e.g. a run's output directory; with neither, ~/.cache/lip).
+batch_size is per rank.
 
 A Loader has:
 - set_epoch(epoch, start_step=0): train order and augmentation are derived from (seed, epoch) and each

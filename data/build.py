@@ -50,8 +50,7 @@ def build_loader(cfg: dict, split: str, *, batch_size: int, rank: int, world_siz
             raise DataError(f"data.backend 'dali' decodes on the GPU, but the device is {device} "
                             f"(CUDA available: {torch.cuda.is_available()}); use dali_cpu or torchvision")
 
-    if cache_dir is None and cfg.get("cache_dir"):
-        cache_dir = cfg["cache_dir"]
+    cache_dir = cfg.get("cache_dir") or cache_dir  # an explicit data.cache_dir wins over the caller's default
     index = load_index(Path(root), split, cache_dir, log)
     train = split == "train"
     if train and len(index) < batch_size * world_size:

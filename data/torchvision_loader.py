@@ -149,7 +149,8 @@ class TorchvisionLoader(Loader):
         self._dataloader = torch.utils.data.DataLoader(
             self.decoder, batch_sampler=_Plan(self), collate_fn=_as_batch, num_workers=self.workers,
             pin_memory=self.device.type == "cuda", persistent_workers=self.train and self.workers > 0,
-            prefetch_factor=2 if self.workers > 0 else None)
+            prefetch_factor=2 if self.workers > 0 else None,
+            generator=torch.Generator().manual_seed(self.seed))  # leaves torch's global RNG alone
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels, failed in self._dataloader:

@@ -246,8 +246,10 @@ def test_train_equal_batches_on_1_2_3_ranks(root, tmp_path, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resume_mid_epoch_is_exact(root, tmp_path, backend):
     ld = loader(root, tmp_path, backend, "train", batch_size=2, workers=2)
+    rng = torch.get_rng_state()
     full = run(ld, epoch=4)
     assert len(full) == 5
+    assert torch.equal(rng, torch.get_rng_state())  # the trainer's RNG stream is left alone
     resumed = run(ld, epoch=4, start_step=3)
     assert len(resumed) == 2 and ld.batches_per_epoch == 5
     for (x1, y1), (x2, y2) in zip(full[3:], resumed, strict=True):
@@ -352,3 +354,10 @@ def test_torchrun_ranks_count_each_val_image_once(root, tmp_path):
         expected = [float((top[:, 0] == labels).sum()), float((top == labels[:, None]).any(1).sum()), 7.0]
         assert result[backend]["sums"] == expected, backend
         assert result[backend]["train_lengths"] == [len(TRAIN) // 6] * 3
+
+
+def test_config_cache_dir_wins_over_the_callers_default(root, tmp_path):
+    cfg = {"root": str(root), "backend": "torchvision", "workers": 0, "cache_dir": str(tmp_path / "shared")}
+    build_loader(cfg, "val", batch_size=2, rank=0, world_size=1, seed=0, device="cpu",
+                 cache_dir=tmp_path / "run_output", log=lambda _: None)
+    assert list((tmp_path / "shared").rglob("*.npz")) and not (tmp_path / "run_output").exists()

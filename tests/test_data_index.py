@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -105,7 +106,7 @@ def test_cache_hit_on_second_start_and_nothing_written_in_root(tmp_path, monkeyp
     real_check = cheap_check
 
     def counting_check(path):
-        scanned.append(str(path))
+        scanned.append(os.fsdecode(path))
         return real_check(path)
 
     monkeypatch.setattr("data.index.cheap_check", counting_check)
@@ -183,3 +184,18 @@ def test_rank_processes_share_one_scan(tmp_path):
 
 def _checked(root: str, cache: str) -> int:
     return load_index(root, "val", cache, lambda _: None).checked
+
+
+def test_big_scans_in_processes_agree_with_in_process_scans(tmp_path, monkeypatch):
+    tree(tmp_path / "d", {"val": {"n1": [f"{k}.JPEG" for k in range(12)], "n2": [f"{k}.JPEG" for k in range(9)]}})
+    (tmp_path / "d" / "val" / "n2" / "bad.JPEG").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    small = load_index(tmp_path / "d", "val", tmp_path / "c1", lambda _: None)
+    monkeypatch.setattr("data.index.PROCESS_MIN_FILES", 1)
+    monkeypatch.setattr("data.index.PROCESS_MIN_CLASSES", 1)
+    monkeypatch.setattr("data.index.CLASS_CHUNK", 1)
+    monkeypatch.setattr("data.index.SCAN_CHUNK", 5)
+    big = load_index(tmp_path / "d", "val", tmp_path / "c2", lambda _: None)
+    assert big.checked == small.checked == 22
+    for field in ("paths", "labels", "widths", "heights"):
+        assert np.array_equal(getattr(big, field), getattr(small, field)), field
+    assert big.bad_files == small.bad_files and len(big.bad_files) == 1
