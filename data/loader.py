@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -13,7 +14,7 @@ from .index import SplitIndex
 from .sampling import train_batches, val_batches
 
 
-class Loader:
+class Loader(ABC):
     """Iterable of (images float32 NCHW normalised, labels int64), both on `device`, for one rank.
 
     Subclasses decode; this class decides the batches. Call `set_epoch(epoch, start_step)` before
@@ -69,8 +70,9 @@ class Loader:
         """Dataset indices (into self.index) of the batches this rank yields this epoch, in order."""
         return [b.copy() for b in self._batches]
 
+    @abstractmethod
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        raise NotImplementedError
+        """Decode and yield this epoch's batches (each backend's own pipeline)."""
 
     def _note_bad(self, path: str, reason: str) -> None:
         """Record a file that failed at run time (after passing the pre-scan)."""
