@@ -1,4 +1,4 @@
-"""ImageNet input pipelines with one interface and three backends (issue 4; docs/data.md).
+"""ImageNet input pipelines with one interface and three backends (docs/data.md).
 
     from data import build_loader, DataError
     loader = build_loader(cfg["data"], "train", batch_size=64, rank=rank, world_size=world,

@@ -16,9 +16,8 @@ import models
 import models.layers
 from models import CheckpointError, create_model, importance_maps, load_checkpoint
 
-KEYS_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_keys"
-if not KEYS_DIR.is_dir():  # CI lays shared/ beside the clone; a developer checkout has it one level up
-    KEYS_DIR = Path(__file__).resolve().parents[1] / "shared" / "reference" / "official_keys"
+# state_dict keys, dtypes and shapes of the authors' released checkpoints, one file per LIP model
+KEYS_DIR = Path(__file__).resolve().parent / "data" / "official_keys"
 LIP_MODELS = ["lip_resnet50", "lip_resnet101", "lip_densenet121"]
 PARAMS = {"lip_resnet50": 23_864_232, "lip_resnet101": 42_856_360, "lip_densenet121": 8_690_920}
 FLOPS = {"lip_resnet50": 5.342e9, "lip_resnet101": 9.064e9, "lip_densenet121": 4.128e9}
