@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lint clean
+.PHONY: setup test quick demo lint clean
 
 setup: $(STAMP)
 	$(PY) scripts/build_ext.py
@@ -17,6 +17,10 @@ $(STAMP): requirements.txt
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# Under a minute on 2 cores: everything but subprocess/training/torchrun runs and the SLURM cluster.
+quick: setup
+	$(PY) -m pytest -q -m "not slow and not slurm"
 
 DEMO := demo_out
 

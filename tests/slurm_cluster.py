@@ -7,7 +7,8 @@ cluster through ``SLURM_CONF`` in ``SlurmCluster.env``. With ``nodes=1`` the nod
 ports (Debian builds SLURM with multiple-slurmd support), so multi-node jobs run for real on one host.
 CPU only, no cgroups, and scheduling is event driven so a submitted job starts within about a second.
 ``stop`` ends the jobs and the daemons by pid whatever state they are in. Runs as root, as CI does; the
-Debian packages are installed by ``scripts/slurm/install_slurm.sh`` when missing.
+Debian packages are installed by ``scripts/slurm/install_slurm.sh`` when missing. ``unavailable`` says
+why a machine cannot run it (not root, or the packages missing and no apt-get).
 """
 
 from __future__ import annotations
@@ -36,10 +37,25 @@ class SlurmError(RuntimeError):
     """The cluster could not be installed, started or queried; the message says which and shows the log."""
 
 
+def missing_commands() -> list[str]:
+    path = f"{os.environ.get('PATH', '')}:{SBIN_PATH}"
+    return [cmd for cmd in COMMANDS if shutil.which(cmd, path=path) is None]
+
+
+def unavailable() -> str | None:
+    """Why this machine cannot start the test cluster (one line, with how to run the tests), or None."""
+    how = "run them as root on Debian/Ubuntu: sudo .venv/bin/python -m pytest -m slurm"
+    if os.geteuid() != 0:
+        return f"SLURM tests need root (the test cluster's daemons run as root); {how}"
+    missing = missing_commands()
+    if missing and shutil.which("apt-get") is None:
+        return f"SLURM tests need {', '.join(missing)} or apt-get to install them; {how}"
+    return None
+
+
 def ensure_installed() -> None:
     """Installs Debian's munge and SLURM packages when a command is missing (a fresh CI machine)."""
-    path = f"{os.environ.get('PATH', '')}:{SBIN_PATH}"
-    if all(shutil.which(cmd, path=path) for cmd in COMMANDS):
+    if not missing_commands():
         return
     started = time.monotonic()
     proc = subprocess.run(["bash", str(INSTALL_SCRIPT)], capture_output=True, text=True)

@@ -109,6 +109,7 @@ def test_paper_recipe_configs(name: str) -> None:
     assert recipe.mixup is None and recipe.ema is None and recipe.scaler is None
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line_exit_2(tmp_path: Path) -> None:
     """A typo'd key on the command line: one line, exit 2, no traceback, before anything is read."""
     proc = subprocess.run([sys.executable, "train.py", "--config", "configs/demo.yaml", "optim.lrr=0.1"],

@@ -182,6 +182,7 @@ def test_train_semantics_odd_files_and_labels(root, tmp_path, backend):
     assert {"cmyk", "gray", "png"} <= seen_kinds
 
 
+@pytest.mark.slow
 def test_train_backends_agree(root, tmp_path):
     """Same (seed, epoch) -> the same crops and flips in both backends, up to decoder/resampler rounding."""
     tv = run(loader(root, tmp_path, "torchvision", "train", batch_size=5, workers=2), epoch=3)
@@ -243,6 +244,7 @@ def test_train_equal_batches_on_1_2_3_ranks(root, tmp_path, backend):
         assert len(seen) == len(set(seen)) == expected * 2 * world
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resume_mid_epoch_is_exact(root, tmp_path, backend):
     ld = loader(root, tmp_path, backend, "train", batch_size=2, workers=2)
@@ -332,6 +334,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_count_each_val_image_once(root, tmp_path):
     """Real rank processes (torchrun, gloo): all-reduced top-1/top-2 sums equal the 1-process ones."""
     script = tmp_path / "ranks.py"

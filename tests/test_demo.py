@@ -7,8 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from train_utils import run
+
+pytestmark = pytest.mark.slow
 
 
 def test_demo_trains_a_lip_network_to_80_percent(tmp_path: Path) -> None:

@@ -4,21 +4,20 @@ and bad checkpoints (missing, malicious pickle, wrong model) refused in one line
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
-from train_utils import command, make_dataset, metrics_rows, run, tiny_run, train_cmd
+from train_utils import command, metrics_rows, run, tiny_run, train_cmd
+
+pytestmark = pytest.mark.slow
 
 VAL_IMAGES = 3 * 7  # odd: the two ranks get 11 and 10 images
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    base = tmp_path_factory.mktemp("eval")
-    data = make_dataset(base / "data", train=8, val=7)
-    out = base / "run"
+def trained(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    data, out = demo_data, tmp_path_factory.mktemp("eval") / "run"
     proc = run(train_cmd(1, tiny_run(data, out, "train.epochs=1")))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return data, out
@@ -60,30 +59,19 @@ def test_authors_checkpoint_layout(trained: tuple[Path, Path], tmp_path: Path) -
     assert got["images"] == VAL_IMAGES and got["top1"] == pytest.approx(row["val_top1"], abs=1e-3)
 
 
-class Payload:
-    """Unpickling this would run a shell command (creating the marker file)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 @pytest.mark.parametrize("case", ["missing", "malicious", "wrong_model"])
-def test_bad_checkpoint_is_one_line(trained: tuple[Path, Path], tmp_path: Path, case: str) -> None:
+def test_bad_checkpoint_is_one_line(trained: tuple[Path, Path], tmp_path: Path, payload, case: str) -> None:
     data, out = trained
     checkpoint, extra, expected = out / "checkpoints" / "last.pth", [], ""
-    marker = tmp_path / "pwned"
     if case == "missing":
         checkpoint, expected = tmp_path / "nope.pth", "checkpoint file not found"
     elif case == "malicious":
         checkpoint, expected = tmp_path / "evil.pth", "refused"
-        torch.save({"model": Payload(marker)}, checkpoint)
+        torch.save({"model": payload}, checkpoint)
     else:
         extra, expected = ["model=resnet50"], "does not match"
     proc = evaluate(data, checkpoint, 1, *extra)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(checkpoint) in lines[0] and expected in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr and not marker.exists()
+    assert "Traceback" not in proc.stderr and not payload.marker.exists()

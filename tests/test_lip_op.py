@@ -75,6 +75,7 @@ def test_extension_is_built_and_loaded(monkeypatch):
     assert lip_backend() == "torch"
 
 
+@pytest.mark.slow
 def test_build_script_is_a_quick_noop_when_up_to_date():
     if not HAVE_COMPILER:
         pytest.skip("no C++ compiler on this machine")

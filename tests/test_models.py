@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
@@ -50,6 +49,7 @@ def test_parameter_count_is_exact(built: dict, name: str) -> None:
     assert sum(p.numel() for p in built[name].parameters()) == PARAMS[name]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LIP_MODELS)
 def test_flops_match_fvcore_reference(built: dict, name: str) -> None:
     from scripts.model_table import count_flops
@@ -86,6 +86,7 @@ def test_timm_creates_lip_models_with_the_paper_eval_config(name: str) -> None:
     assert data_cfg["input_size"] == (3, 224, 224)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet50", "densenet121"])
 def test_timm_baselines_take_our_baseline_weights_and_agree(name: str) -> None:
     torch.manual_seed(0)
@@ -123,38 +124,22 @@ def test_every_lip_starts_as_average_pooling() -> None:
     torch.testing.assert_close(model.maxpool(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def _randomise(model: nn.Module, seed: int) -> nn.Module:
-    """Deterministic non-trivial weights: every parameter and BN statistic drawn, logit heads active."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.dtype.is_floating_point:
-                if name.endswith("running_var"):
-                    t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-                elif name.endswith(("weight", "bias", "running_mean")) and t.dim() == 1:
-                    gain = 0.2 if ".bn3." in name else 1.0  # small last-BN gains keep residual sums bounded
-                    t.copy_(torch.randn(t.shape, generator=g) * 0.1 + (gain if name.endswith("weight") else 0.0))
-                else:
-                    fan_in = t[0].numel() if t.dim() > 1 else 1
-                    t.copy_(torch.randn(t.shape, generator=g) * (2.0 / fan_in) ** 0.5)
-    return model.eval()
-
-
 def _naive_gated_lip2d(x: torch.Tensor, z: torch.Tensor, coeff: float = 12.0, kernel_size: int = 3,
                        stride: int = 2, padding: int = 1) -> torch.Tensor:
     w = torch.sigmoid(z).mul(coeff).exp()
     return F.avg_pool2d(x * w, kernel_size, stride, padding) / F.avg_pool2d(w, kernel_size, stride, padding)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LIP_MODELS)
-def test_logits_match_the_naive_formula(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+def test_logits_match_the_naive_formula(monkeypatch: pytest.MonkeyPatch, randomise, name: str) -> None:
     """Our fused operator inside the whole network vs the authors' exp/avg_pool formula in fp32.
 
     Both are compared with the float64 forward pass: the fused path must be as accurate as the formula
     (the fp32 noise floor of a deep network), and the two must agree to 2e-6 relative to the logits.
     """
     torch.manual_seed(0)
-    model = _randomise(create_model(name, num_classes=100), seed=1)
+    model = randomise(create_model(name, num_classes=100), seed=1)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ours = model(x).double()
@@ -168,10 +153,11 @@ def test_logits_match_the_naive_formula(monkeypatch: pytest.MonkeyPatch, name: s
     assert (ours - naive).abs().max().item() <= 2e-6 * max(scale, 1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lip_resnet50", "lip_densenet121"])
-def test_channels_last_and_bf16_autocast_stay_finite(name: str) -> None:
+def test_channels_last_and_bf16_autocast_stay_finite(randomise, name: str) -> None:
     torch.manual_seed(0)
-    model = _randomise(create_model(name, num_classes=10), seed=3).train()
+    model = randomise(create_model(name, num_classes=10), seed=3).train()
     for m in model.modules():  # push the soft gates to saturation: logits near 0 and 12
         if isinstance(m, models.LIPPool):
             m.logit_module()[0].weight.data.mul_(50)
@@ -186,9 +172,9 @@ def test_channels_last_and_bf16_autocast_stay_finite(name: str) -> None:
     assert all(torch.isfinite(g).all() for g in grads)
 
 
-def test_importance_maps_cover_stem_and_stride2_layers() -> None:
+def test_importance_maps_cover_stem_and_stride2_layers(randomise) -> None:
     torch.manual_seed(0)
-    model = _randomise(create_model("lip_resnet_tiny", num_classes=5), seed=4).train()
+    model = randomise(create_model("lip_resnet_tiny", num_classes=5), seed=4).train()
     maps = importance_maps(model, torch.randn(3, 3, 64, 64))
     assert model.training
     assert {"maxpool", "layer2.0.conv2.0", "layer3.0.conv2.0", "layer4.0.conv2.0"} <= set(maps)
@@ -201,19 +187,13 @@ def test_importance_maps_cover_stem_and_stride2_layers() -> None:
 # ---------------------------------------------------------------- checkpoints
 
 
-@pytest.fixture()
-def tiny() -> nn.Module:
-    torch.manual_seed(0)
-    return _randomise(create_model("lip_resnet_tiny", num_classes=5), seed=5)
-
-
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
 @pytest.mark.parametrize("layout", ["authors", "bare", "ours"])
-def test_checkpoint_round_trip(tmp_path: Path, tiny: nn.Module, layout: str) -> None:
-    sd = tiny.state_dict()
+def test_checkpoint_round_trip(tmp_path: Path, classifier: nn.Module, layout: str) -> None:
+    sd = classifier.state_dict()
     obj = {"authors": {"state_dict": {"module." + k: v for k, v in sd.items()}, "epoch": 90,
                        "best_prec1": torch.tensor(76.6), "arch": "lip_resnet_tiny"},
            "bare": sd, "ours": {"model": sd, "epoch": 3, "step": 10}}[layout]
@@ -221,38 +201,29 @@ def test_checkpoint_round_trip(tmp_path: Path, tiny: nn.Module, layout: str) -> 
     torch.save(obj, path)
     fresh = create_model("lip_resnet_tiny", num_classes=5)
     load_checkpoint(fresh, path)
-    assert _same_weights(fresh, tiny)
+    assert _same_weights(fresh, classifier)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(fresh.eval()(x), tiny.eval()(x), atol=0, rtol=0)
+        torch.testing.assert_close(fresh.eval()(x), classifier.eval()(x), atol=0, rtol=0)
 
 
-def test_numpy_scalars_in_a_checkpoint_are_plain_data(tmp_path: Path, tiny: nn.Module) -> None:
+def test_numpy_scalars_in_a_checkpoint_are_plain_data(tmp_path: Path, classifier: nn.Module) -> None:
     import numpy as np
 
     path = tmp_path / "np.pth"
-    torch.save({"state_dict": tiny.state_dict(), "best_prec1": np.float64(76.6)}, path)
+    torch.save({"state_dict": classifier.state_dict(), "best_prec1": np.float64(76.6)}, path)
     assert load_checkpoint(create_model("lip_resnet_tiny", num_classes=5), path)["best_prec1"] == 76.6
 
 
-class _Exploit:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple:
-        return (os.system, (f"touch {self.marker}",))
-
-
-def test_malicious_pickle_is_refused_and_never_runs(tmp_path: Path, tiny: nn.Module) -> None:
-    marker = tmp_path / "pwned"
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path: Path, classifier: nn.Module, payload) -> None:
     path = tmp_path / "evil.pth"
-    torch.save({"state_dict": tiny.state_dict(), "payload": _Exploit(marker)}, path, pickle_module=pickle)
-    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    torch.save({"state_dict": classifier.state_dict(), "payload": payload}, path, pickle_module=pickle)
+    before = {k: v.clone() for k, v in classifier.state_dict().items()}
     with pytest.raises(CheckpointError) as e:
-        load_checkpoint(tiny, path)
+        load_checkpoint(classifier, path)
     assert str(path) in str(e.value) and "\n" not in str(e.value) and "refused" in str(e.value)
-    assert not marker.exists()
-    assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
+    assert not payload.marker.exists()
+    assert all(torch.equal(before[k], v) for k, v in classifier.state_dict().items())
 
 
 def _refusal(tmp_path: Path, model: nn.Module, state: dict) -> str:
@@ -267,23 +238,24 @@ def _refusal(tmp_path: Path, model: nn.Module, state: dict) -> str:
     return msg
 
 
-def test_partial_unexpected_and_misshaped_checkpoints_are_refused(tmp_path: Path, tiny: nn.Module) -> None:
-    other = _randomise(create_model("lip_resnet_tiny", num_classes=5), seed=9).state_dict()
+def test_partial_unexpected_and_misshaped_checkpoints_are_refused(tmp_path: Path, classifier: nn.Module,
+                                                                  randomise) -> None:
+    other = randomise(create_model("lip_resnet_tiny", num_classes=5), seed=9).state_dict()
     missing = {k: v for k, v in other.items() if k != "layer2.0.conv2.0.postprocessing.bn.weight"}
-    assert "layer2.0.conv2.0.postprocessing.bn.weight" in _refusal(tmp_path, tiny, missing)
+    assert "layer2.0.conv2.0.postprocessing.bn.weight" in _refusal(tmp_path, classifier, missing)
     extra = {**other, "layer9.weight": torch.zeros(1)}
-    assert "layer9.weight" in _refusal(tmp_path, tiny, extra)
+    assert "layer9.weight" in _refusal(tmp_path, classifier, extra)
     shaped = {**other, "fc.weight": torch.zeros(7, other["fc.weight"].shape[1])}
-    assert "fc.weight" in _refusal(tmp_path, tiny, shaped)
+    assert "fc.weight" in _refusal(tmp_path, classifier, shaped)
     wrong_model = create_model("resnet50", num_classes=5).state_dict()
-    assert "missing" in _refusal(tmp_path, tiny, wrong_model)
+    assert "missing" in _refusal(tmp_path, classifier, wrong_model)
 
 
-def test_missing_and_garbage_files_are_one_line_errors(tmp_path: Path, tiny: nn.Module) -> None:
+def test_missing_and_garbage_files_are_one_line_errors(tmp_path: Path, classifier: nn.Module) -> None:
     with pytest.raises(CheckpointError, match="not found"):
-        load_checkpoint(tiny, tmp_path / "nope.pth")
+        load_checkpoint(classifier, tmp_path / "nope.pth")
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"\x00not a checkpoint at all")
     with pytest.raises(CheckpointError) as e:
-        load_checkpoint(tiny, garbage)
+        load_checkpoint(classifier, garbage)
     assert "\n" not in str(e.value) and str(garbage) in str(e.value)

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.slow
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "prepare_imagenet.py"
 # ILSVRC2012_ID -> wnid (the devkit numbers classes 1..1000; its meta.mat also lists non-leaf synsets)
 SYNSETS = {1: "n02119789", 2: "n02100735", 3: "n02110185", 1001: "n00001740"}

@@ -4,6 +4,7 @@ The cluster itself first (a job on both nodes, a job that requeues itself, USR1 
 trap), then train.sbatch with the tiny demo: USR1 to the batch shell mid-epoch on 2 nodes ends in a
 checkpoint, a requeue and a resume with the uninterrupted run's weights; a plain scancel checkpoints
 without requeueing; failing runs are not requeued; eval.sbatch scores the result.
+Needs root (and the SLURM packages, or apt-get to install them); elsewhere the module skips, saying why.
 """
 
 from __future__ import annotations
@@ -18,13 +19,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from slurm_cluster import SlurmCluster
-from train_utils import ENV, ROOT, load_weights, make_dataset, max_weight_diff, metrics_rows
+from slurm_cluster import SlurmCluster, unavailable
+from train_utils import ENV, ROOT, load_weights, max_weight_diff, metrics_rows
 
 TRAIN = ROOT / "scripts" / "slurm" / "train.sbatch"
 EVAL = ROOT / "scripts" / "slurm" / "eval.sbatch"
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1"]  # the scripts default to 8 GPUs per node
 JOB_ENV = {"OMP_NUM_THREADS": "1"}  # the same thread count as the reference run: identical arithmetic
+
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+if (_reason := unavailable()) is not None:  # one line for the whole module, at collection
+    pytest.skip(_reason, allow_module_level=True)
 
 
 @pytest.fixture(scope="session")
@@ -34,16 +40,11 @@ def cluster() -> Iterator[SlurmCluster]:
         yield running
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("slurm_data") / "shapes", classes=2, train=16, val=4, size=32)
-
-
 CONFIG = ["--config", str(ROOT / "configs" / "demo.yaml")]
 
 
 def tiny(data: Path, cache: Path, *extra: str) -> list[str]:
-    """Overrides cutting the demo to 2 epochs of 8 steps (32 images, global batch 4) at 32 px."""
+    """Overrides cutting the demo to 2 epochs of 12 steps (48 images, global batch 4) at 32 px."""
     return [f"data.root={data}", f"data.cache_dir={cache}", "data.image_size=32", "data.val_resize=36",
             "data.workers=0", "train.batch_size=4", "train.epochs=2", "checkpoint.every_steps=2",
             "tb.num_images=0", *extra]
@@ -122,17 +123,17 @@ def test_usr1_reaches_the_batch_script_trap(cluster: SlurmCluster, tmp_path: Pat
 # --- train.sbatch / eval.sbatch -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def preempted(cluster: SlurmCluster, data: Path, tmp_path_factory: pytest.TempPathFactory):
+def preempted(cluster: SlurmCluster, demo_data: Path, tmp_path_factory: pytest.TempPathFactory):
     """A 2-node train.sbatch job sent USR1 once its first checkpoint exists, run to completion, beside the
     same training run uninterrupted (2 torchrun ranks on this machine, outside SLURM)."""
     work = tmp_path_factory.mktemp("slurm_train")
     reference = work / "reference"
     ref_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "train.py"), *CONFIG, *tiny(data, work / "c1", f"output_dir={reference}")]
+               str(ROOT / "train.py"), *CONFIG, *tiny(demo_data, work / "c1", f"output_dir={reference}")]
     with open(work / "reference.log", "wb") as ref_log:
         ref = subprocess.Popen(ref_cmd, cwd=ROOT, env={**ENV, **JOB_ENV}, stdout=ref_log, stderr=subprocess.STDOUT)
     try:
-        job = cluster.sbatch(*CPU_JOB, "--nodes=2", str(TRAIN), *CONFIG, *tiny(data, work / "c2"), cwd=work,
+        job = cluster.sbatch(*CPU_JOB, "--nodes=2", str(TRAIN), *CONFIG, *tiny(demo_data, work / "c2"), cwd=work,
                              env=JOB_ENV)
         out = work / "runs" / f"demo-{job}"
         wait_for_file(cluster, job, out / "checkpoints" / "last.pth")
@@ -162,20 +163,20 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(preempted) -> None:
     assert (out / f"slurm-{job}.log").resolve() == Path(record["StdOut"]).resolve()
 
 
-def test_eval_sbatch_scores_the_checkpoint(cluster: SlurmCluster, preempted, data: Path, tmp_path: Path) -> None:
+def test_eval_sbatch_scores_the_checkpoint(cluster: SlurmCluster, preempted, demo_data: Path, tmp_path: Path) -> None:
     _, out, _ = preempted
     job = cluster.sbatch(*CPU_JOB, str(EVAL), *CONFIG, "--checkpoint", str(out / "checkpoints" / "last.pth"),
-                         *tiny(data, tmp_path / "c"), cwd=tmp_path, env=JOB_ENV)
+                         *tiny(demo_data, tmp_path / "c"), cwd=tmp_path, env=JOB_ENV)
     record = cluster.wait_job(job, timeout=180)
     log = job_log(record)
     assert record["JobState"] == "COMPLETED", log
     result = [line for line in log.splitlines() if line.startswith('{"images"')]
-    assert len(result) == 1 and '"images": 8' in result[0], log
+    assert len(result) == 1 and '"images": 21' in result[0], log
 
 
-def test_scancel_checkpoints_and_stops_without_requeue(cluster: SlurmCluster, data: Path, tmp_path: Path) -> None:
+def test_scancel_checkpoints_and_stops_without_requeue(cluster: SlurmCluster, demo_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    job = cluster.sbatch(*CPU_JOB, str(TRAIN), *CONFIG, *tiny(data, tmp_path / "c", f"output_dir={out}"),
+    job = cluster.sbatch(*CPU_JOB, str(TRAIN), *CONFIG, *tiny(demo_data, tmp_path / "c", f"output_dir={out}"),
                          cwd=tmp_path, env={**JOB_ENV, "NPROC_PER_NODE": "2"})
     wait_for_file(cluster, job, out / "checkpoints" / "last.pth")
     cluster.run("scancel", job)
@@ -186,12 +187,12 @@ def test_scancel_checkpoints_and_stops_without_requeue(cluster: SlurmCluster, da
     assert "model" in torch.load(out / "checkpoints" / "last.pth", map_location="cpu", weights_only=True)
 
 
-def test_failing_runs_are_not_requeued(cluster: SlurmCluster, data: Path, tmp_path: Path) -> None:
+def test_failing_runs_are_not_requeued(cluster: SlurmCluster, demo_data: Path, tmp_path: Path) -> None:
     expected = {  # override -> what train.py says (bad config: exit 2; NaN loss: exit 3)
         "optim.lrr=0.1": "did you mean 'optim.lr'",
         "debug.nan_at_step=3": "non-finite",
     }
-    jobs = [cluster.sbatch(*CPU_JOB, str(TRAIN), *CONFIG, *tiny(data, tmp_path / f"c{i}", override),
+    jobs = [cluster.sbatch(*CPU_JOB, str(TRAIN), *CONFIG, *tiny(demo_data, tmp_path / f"c{i}", override),
                            cwd=tmp_path, env=JOB_ENV) for i, override in enumerate(expected)]
     for record, message in zip(assert_not_requeued(cluster, jobs, "FAILED"), expected.values(), strict=True):
         log = job_log(record)

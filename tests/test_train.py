@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -17,7 +18,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from train_utils import (
     kill9_tree,
     load_weights,
-    make_dataset,
     max_weight_diff,
     metrics_rows,
     run,
@@ -27,6 +27,8 @@ from train_utils import (
     wait_for,
     worker_pids,
 )
+
+pytestmark = pytest.mark.slow
 
 STEPS = 12  # 48 good train images / global batch 4
 EPOCHS = 3
@@ -39,8 +41,8 @@ EXTRAS_2 = ("train.mixup_alpha=0.2", "train.ema_decay=0.9")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = make_dataset(tmp_path_factory.mktemp("data") / "shapes")
+def data(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = shutil.copytree(demo_data, tmp_path_factory.mktemp("data") / "shapes")
     broken = root / "train" / "00_circle" / "broken.JPEG"
     good = next((root / "train" / "00_circle").glob("*.JPEG")).read_bytes()
     broken.write_bytes(good[: len(good) // 3])  # truncated JPEG: named and skipped, the run goes on
