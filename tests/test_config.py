@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from training.cli import ArgumentParser
 from training.config import SCHEMA, ConfigError, check_world_size, load_config, save_config
 from training.recipe import build_recipe, scaled_lr
 
@@ -80,9 +81,13 @@ def test_paper_recipe_configs(name: str) -> None:
     from models import create_model
 
     cfg = load_config(ROOT / "configs" / f"{name}.yaml", ["data.root=/imagenet"])
-    assert cfg["model"] == name
+    assert cfg["model"] == name and cfg["seed"] == 0 and cfg["num_classes"] is None
+    assert cfg["output_dir"] == f"runs/{name}"  # named after the model's config, not the shared base
     assert cfg["train"]["epochs"] == 90 and cfg["train"]["batch_size"] == 256
     assert cfg["data"]["image_size"] == 224 and cfg["data"]["val_resize"] == 256
+    assert (cfg["data"]["backend"], cfg["data"]["workers"], cfg["train"]["amp"], cfg["train"]["channels_last"]) == (
+        "dali", 8, "bf16", True)
+    assert (cfg["train"]["log_every"], cfg["checkpoint"]["every_steps"], cfg["tb"]["num_images"]) == (100, 1000, 8)
     assert cfg["optim"] == {"name": "momentum", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4,
                             "filter_bias_and_bn": False}
     assert cfg["sched"] == {"milestones": [30, 60, 80], "gamma": 0.1, "warmup_epochs": 0}
@@ -118,3 +123,60 @@ def test_cli_error_is_one_line_exit_2(tmp_path: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert lines == ["error: unknown config key 'optim.lrr' (command line); did you mean 'optim.lr'?"]
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_model_configs_are_the_base_recipe_plus_a_model() -> None:
+    """Each paper config names its model and `base: paper.yaml`, nothing else."""
+    for name in PAPER_CONFIGS:
+        assert yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text()) == {"base": "paper.yaml", "model": name}
+
+
+def test_base_chain_resolves_relative_to_the_including_file(tmp_path: Path) -> None:
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "common.yaml").write_text("data:\n  root: /x\ntrain:\n  epochs: 5\n  batch_size: 64\n")
+    (tmp_path / "recipes" / "long.yaml").write_text("base: common.yaml\ntrain:\n  epochs: 50\n")
+    (tmp_path / "run").mkdir()
+    path = tmp_path / "run" / "mine.yaml"
+    path.write_text("base: ../recipes/long.yaml\nmodel: resnet50\n")
+    cfg = load_config(path, ["train.batch_size=32"])
+    assert cfg["model"] == "resnet50" and cfg["data"]["root"] == "/x"
+    assert cfg["train"]["epochs"] == 50  # the including file wins over its base
+    assert cfg["train"]["batch_size"] == 32  # the command line wins over every file
+    assert cfg["output_dir"] == "runs/mine"
+    save_config(cfg, tmp_path / "resolved.yaml")  # what train.py writes to output_dir/config.yaml
+    resolved = yaml.safe_load((tmp_path / "resolved.yaml").read_text())
+    assert "base" not in resolved and resolved == cfg and resolved["optim"]["lr"] == SCHEMA["optim.lr"].default
+
+
+@pytest.mark.parametrize(("files", "expected"), [
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, "include each other through base: "),
+    ({"a.yaml": "base: a.yaml\n"}, "include each other through base: "),
+    ({"a.yaml": "base: nowhere.yaml\n"}, "base config file not found: "),
+    ({"a.yaml": "base: [b.yaml]\n"}, "base=['b.yaml'] is not allowed"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "train:\n  epoch: 3\n"}, "unknown config key 'train.epoch'"),
+])
+def test_base_errors_are_one_line(tmp_path: Path, files: dict[str, str], expected: str) -> None:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "a.yaml", ["data.root=/x"])
+    assert expected in str(e.value) and "\n" not in str(e.value)
+    if "nowhere" in files["a.yaml"]:
+        assert str(tmp_path / "nowhere.yaml") in str(e.value)
+    elif "each other" in expected:
+        assert str(e.value).count("a.yaml") >= 2
+
+
+def test_help_lists_the_values_a_config_resolves_to(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = ArgumentParser(description="train")
+    parser.add_overrides()
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--config", str(ROOT / "configs" / "lip_resnet50.yaml"), "optim.lr=0.2", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    paper = str(ROOT / "configs" / "paper.yaml")
+    assert f"  model = 'lip_resnet50' ({ROOT / 'configs' / 'lip_resnet50.yaml'}):" in out
+    assert f"  train.amp = 'bf16' ({paper}):" in out and f"  sched.milestones = [30, 60, 80] ({paper}):" in out
+    assert "  optim.lr = 0.2 (command line):" in out
+    assert "  output_dir = 'runs/lip_resnet50' (the config file's name):" in out
+    assert "  num_classes = None:" in out  # not set anywhere: the default

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from .config import describe_keys
+from .config import ConfigError, describe_keys
 from .distributed import shutdown
 from .errors import EXIT_NON_FINITE, EXIT_USER_ERROR, NonFiniteLossError, UserError
 from .logger import RunLog
@@ -24,6 +24,21 @@ class ArgumentParser(argparse.ArgumentParser):
     def add_overrides(self) -> None:
         self.add_argument("overrides", nargs="*", metavar="key=value",
                           help="config overrides, values parsed as YAML (e.g. train.epochs=2 optim.lr=0.2)")
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: None = None) -> argparse.Namespace:  # type: ignore[override]
+        """As argparse; `--help` after `--config FILE` lists the values that file resolves to."""
+        argv = list(sys.argv[1:] if args is None else args)
+        if "-h" in argv or "--help" in argv:
+            pre = argparse.ArgumentParser(add_help=False)
+            pre.add_argument("--config")
+            known, rest = pre.parse_known_args(argv)
+            if known.config is not None:
+                overrides = [a for a in rest if "=" in a and not a.startswith("-")]
+                try:
+                    self.epilog = describe_keys(known.config, overrides)
+                except ConfigError as e:
+                    self.error(str(e))
+        return super().parse_args(argv, namespace)
 
     def error(self, message: str) -> NoReturn:
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)

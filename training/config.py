@@ -1,8 +1,9 @@
 """The run configuration: one schema with every key, its default and what it allows.
 
 A run is `--config PATH` (YAML) plus dotted `key=value` overrides (values parsed as YAML), merged onto the
-defaults below. Every problem is a `ConfigError` with a one-line message naming the key: an unknown key
-names the closest valid one, a bad value says what is allowed. The result is a plain nested dict
+defaults below. A config file may name a `base:` file (relative to itself) whose values it overrides.
+Every problem is a `ConfigError` with a one-line message naming the key: an unknown key names the closest
+valid one, a bad value says what is allowed. The result is a plain nested dict
 (`cfg["optim"]["lr"]`), which is what gets written to `output_dir/config.yaml` and into checkpoints.
 """
 
@@ -49,7 +50,7 @@ def _model_names() -> list[str]:
 
 AMP_CHOICES = ("bf16", "fp16", "off")
 
-# Defaults in one place. The paper recipe (configs/*.yaml) spells out its values explicitly on top of these.
+# Defaults in one place. The paper recipe (configs/paper.yaml) spells out its values explicitly on top of these.
 SCHEMA: dict[str, Option] = {
     "model": Option("lip_resnet50", str, "model name (models.create_model)", choices=_model_names),
     "num_classes": Option(None, int, "classifier outputs; null = number of class folders in the data",
@@ -182,6 +183,30 @@ def _read_yaml(path: Path) -> Mapping[str, Any]:
     return tree
 
 
+def _read_config(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, tuple[Any, str]]:
+    """{dotted key: (value, file it came from)} of a config file over its `base:` chain.
+
+    `base: other.yaml` (relative to the including file) lets the six paper configs share one recipe and
+    differ in the model alone; a key in the including file wins over its base.
+    """
+    here = path.resolve()
+    if here in chain:
+        cycle = " -> ".join(str(p) for p in (*chain[chain.index(here):], here))
+        raise ConfigError(f"{path}: config files include each other through base: {cycle}")
+    tree = dict(_read_yaml(path))
+    base = tree.pop("base", None)
+    values: dict[str, tuple[Any, str]] = {}
+    if base is not None:
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"{path}: base={base!r} is not allowed: expected the path of another config file")
+        base_path = path.parent / base
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: base config file not found: {base_path}")
+        values.update(_read_config(base_path, (*chain, here)))
+    values.update({key: (value, str(path)) for key, value in _flatten(tree, str(path)).items()})
+    return values
+
+
 def _parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
@@ -204,14 +229,14 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Defaults <- YAML file <- `key=value` overrides, checked; returns the resolved nested config."""
+def resolve_values(path: str | Path | None, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, str]]:
+    """Defaults <- YAML file (and its bases) <- `key=value` overrides, each value checked: the flat
+    {dotted key: value} and where each value came from ('default', a file, 'command line')."""
     values: dict[str, Any] = {key: opt.default for key, opt in SCHEMA.items()}
     sources: dict[str, str] = {}
     if path is not None:
-        path = Path(path)
-        for key, value in _flatten(_read_yaml(path), str(path)).items():
-            values[key], sources[key] = value, str(path)
+        for key, (value, where) in _read_config(Path(path)).items():
+            values[key], sources[key] = value, where
     for text in overrides:
         key, value = _parse_override(text)
         if key not in SCHEMA:
@@ -219,15 +244,26 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[
         values[key], sources[key] = value, "command line"
     for key in SCHEMA:
         values[key] = _check_value(key, values[key], sources.get(key, "default"))
+    return values, sources
 
-    if values["data.root"] is None:
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), require_data: bool = True) -> dict[str, Any]:
+    """Defaults <- YAML file <- `key=value` overrides, checked; returns the resolved nested config.
+    `require_data=False` is for tools that read no dataset (data.root may then stay unset)."""
+    values, _ = resolve_values(path, overrides)
+    if require_data and values["data.root"] is None:
         raise ConfigError("data.root is not set: give it in the config or as data.root=/path/to/imagenet")
     milestones = values["sched.milestones"]
     if any(m < 0 for m in milestones) or milestones != sorted(milestones):
         raise ConfigError(f"sched.milestones={milestones} is not allowed: expected increasing epochs >= 0")
     if values["output_dir"] is None:
-        values["output_dir"] = str(Path("runs") / (Path(path).stem if path is not None else "default"))
+        values["output_dir"] = _default_output_dir(path)
     return _nest(values)
+
+
+def _default_output_dir(path: str | Path | None) -> str:
+    """runs/<config file name>: each model config of the paper recipe gets its own run folder."""
+    return str(Path("runs") / (Path(path).stem if path is not None else "default"))
 
 
 def check_world_size(cfg: Mapping[str, Any], world_size: int) -> int:
@@ -247,9 +283,15 @@ def save_config(cfg: Mapping[str, Any], path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(dict(cfg), sort_keys=False))
 
 
-def describe_keys() -> str:
-    """Every key with its default and what it allows, for `--help`."""
-    lines = ["config keys (give as key=value after --config):"]
+def describe_keys(path: str | Path | None = None, overrides: Sequence[str] = ()) -> str:
+    """Every key with its value and what it allows, for `--help`: the defaults, or with a config file the
+    values it resolves to (bases and overrides applied) and where each came from."""
+    values, sources = resolve_values(path, overrides)
+    if path is not None and values["output_dir"] is None:
+        values["output_dir"], sources["output_dir"] = _default_output_dir(path), "the config file's name"
+    head = f"config keys as {path} resolves them" if path is not None else "config keys and their defaults"
+    lines = [f"{head} (give as key=value after --config):"]
     for key, opt in SCHEMA.items():
-        lines.append(f"  {key} = {opt.default!r}: {opt.help} [{_describe(opt)}]")
+        where = f" ({sources[key]})" if key in sources else ""
+        lines.append(f"  {key} = {values[key]!r}{where}: {opt.help} [{_describe(opt)}]")
     return "\n".join(lines)
