@@ -19,7 +19,7 @@ from data import build_loader
 from models import create_model, load_checkpoint
 from training import distributed
 from training.cli import ArgumentParser, run_main
-from training.config import load_config
+from training.config import load_config, use_channels_last
 from training.distributed import Dist
 from training.engine import evaluate
 from training.errors import UserError
@@ -40,7 +40,7 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
                           log=log.info if d.is_main else (lambda _msg: None))
     model = create_model(cfg["model"], num_classes=cfg["num_classes"] or len(loader.classes))
     load_checkpoint(model, checkpoint)  # weights_only: refuses pickles that would run code
-    channels_last = cfg["train"]["channels_last"] and d.device.type == "cuda"
+    channels_last = use_channels_last(cfg, d.device)
     model = model.to(d.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
 
     result = evaluate(model, loader, d, autocast_for(cfg["train"]["amp"], d.device), channels_last)

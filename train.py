@@ -13,20 +13,22 @@ import argparse
 from pathlib import Path
 
 import torch
+from timm.utils import random_seed
 
 from data import build_loader
 from models import create_model, importance_maps
 from training import distributed
-from training.checkpoint import Checkpointer, load_for_resume, remove_stale_temporaries, seed_all
+from training.checkpoint import Checkpointer, load_for_resume, remove_stale_temporaries
 from training.cli import ArgumentParser, run_main
-from training.config import check_world_size, load_config, save_config
+from training.config import check_world_size, load_config, save_config, use_channels_last
 from training.distributed import Dist, any_rank
-from training.engine import EpochContext, TrainState, describe_row, epoch_row, evaluate, train_one_epoch
+from training.engine import EpochContext, describe_row, epoch_row, evaluate, train_one_epoch
 from training.errors import UserError
 from training.logger import RunLog
-from training.metrics import Metrics
+from training.metrics import Metrics, fixed_val_images
 from training.recipe import build_recipe, scaled_lr
 from training.signals import StopRequest
+from training.state import TrainState
 
 
 def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
@@ -39,7 +41,7 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
         raise UserError(f"output_dir {out}: cannot create it ({e.strerror})") from None
     stop = StopRequest().install()  # before loader workers fork, so they inherit it
     distributed.init(d, cfg["train"]["cpu_threads"])
-    seed_all(cfg["seed"])  # the same initial weights on every rank (the EMA copy is taken before DDP syncs)
+    random_seed(cfg["seed"])  # the same initial weights on every rank (the EMA copy is taken before DDP syncs)
     if d.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -52,12 +54,12 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
     steps_per_epoch = len(train_loader)
     num_classes = cfg["num_classes"] or len(train_loader.classes)
 
-    channels_last = cfg["train"]["channels_last"] and d.device.type == "cuda"
+    channels_last = use_channels_last(cfg, d.device)
     model = create_model(cfg["model"], num_classes=num_classes).to(d.device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     recipe = build_recipe(cfg, model, steps_per_epoch, num_classes, d.device)
-    seed_all(cfg["seed"] + d.rank)  # per-rank streams for mixup/cutmix; a resume restores them instead
+    random_seed(cfg["seed"], d.rank)  # per-rank streams for mixup/cutmix; a resume restores them instead
 
     ckpt = Checkpointer(out / "checkpoints", model, recipe, cfg, d)
     state = TrainState()
@@ -73,6 +75,7 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
         remove_stale_temporaries(ckpt.folder)
         save_config(cfg, out / "config.yaml")
         metrics = Metrics(out, state.history, state.global_step)
+        log.close_at_end(metrics.close)
 
     params = sum(p.numel() for p in model.parameters())
     log.info(f"{cfg['model']}: {params:,} parameters, {num_classes} classes; {train_loader.num_images} train / "
@@ -82,11 +85,12 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
     ctx = EpochContext(cfg, d, stop, log, metrics, ckpt.save, steps_per_epoch)
     ddp_model = distributed.wrap_ddp(model, d)
 
-    keep = cfg["tb"]["num_images"] if d.is_main else 0
+    # The same val images every epoch, spread over the split, for the importance maps in TensorBoard
+    samples = fixed_val_images(val_loader, cfg["tb"]["num_images"], cfg["data"], d.device) if d.is_main else None
     while state.epoch < cfg["train"]["epochs"]:
         if train_one_epoch(ddp_model, train_loader, recipe, state, ctx):
             break
-        val = evaluate(model, val_loader, d, recipe.autocast, channels_last, keep=keep)
+        val = evaluate(model, val_loader, d, recipe.autocast, channels_last)
         ema_val = None
         if recipe.ema is not None:
             ema_val = evaluate(recipe.ema.module, val_loader, d, recipe.autocast, channels_last)
@@ -96,8 +100,8 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
         ckpt.save(state, best=is_best)  # holds the row: metrics.jsonl is rebuilt from it after a crash
         if metrics is not None:
             metrics.epoch_row(row)
-            if val.samples is not None:
-                metrics.importance_maps(state.global_step, val.samples, importance_maps(model, val.samples))
+            if samples is not None:
+                metrics.importance_maps(state.global_step, samples, importance_maps(model, samples))
         if any_rank(stop.pending, d.device):
             break
     else:

@@ -25,12 +25,15 @@ A Loader has:
 Extras: batches_per_epoch (len without start_step), indices() (the dataset indices of each batch this
 epoch), backend, epoch, start_step, index (data.index.SplitIndex: paths, labels, image sizes).
 
+load_val_images(paths, image_size, val_resize, device) puts a few chosen files through the validation
+transform (for pictures of single images, whatever the backend).
+
 User errors raise DataError (a ValueError) with a one-line message naming the path or setting.
 """
 
 from .errors import DataError
 
-__all__ = ["BACKENDS", "DataError", "Loader", "build_loader"]
+__all__ = ["BACKENDS", "DataError", "Loader", "build_loader", "load_val_images"]
 
 
 def __getattr__(name: str):
@@ -43,4 +46,8 @@ def __getattr__(name: str):
         from .loader import Loader
 
         return Loader
+    if name == "load_val_images":
+        from .torchvision_loader import load_val_images
+
+        return load_val_images
     raise AttributeError(f"module 'data' has no attribute {name!r}")

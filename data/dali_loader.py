@@ -18,10 +18,11 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .checks import decode_check
 from .errors import DataError
-from .geometry import MEAN, STD, center_crop_origin, train_crop, val_resize_size
+from .geometry import center_crop_origin, train_crop, val_resize_size
 from .loader import Loader
 
 PREFETCH = 2
@@ -86,8 +87,8 @@ class DaliLoader(Loader):
         decoder = "mixed" if self.gpu else "cpu"
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
             if self.gpu else None
-        mean = [m * 255 for m in MEAN]
-        std = [s * 255 for s in STD]
+        mean = [m * 255 for m in IMAGENET_DEFAULT_MEAN]
+        std = [s * 255 for s in IMAGENET_DEFAULT_STD]
         files = [self.index.relpath(int(i)) for i in items]
         labels = self.index.labels[items].tolist()
         source = self._params(items, keys)

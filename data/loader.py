@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .errors import DataError
-from .geometry import MEAN, STD
 from .index import SplitIndex
 from .sampling import train_batches, val_batches
 
@@ -83,8 +83,9 @@ class Loader(ABC):
 
 def normalizer(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 NHWC batch -> float32 NCHW (x/255 - mean) / std, computed on `device`."""
-    scale = torch.tensor([1.0 / (255.0 * s) for s in STD], device=device).view(1, 3, 1, 1)
-    shift = torch.tensor([m / s for m, s in zip(MEAN, STD, strict=True)], device=device).view(1, 3, 1, 1)
+    mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device).view(1, 3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std, strict=True)], device=device).view(1, 3, 1, 1)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         out = torch.empty((x.shape[0], 3, x.shape[1], x.shape[2]), dtype=torch.float32, device=device)

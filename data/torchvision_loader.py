@@ -13,7 +13,8 @@ function of (seed, epoch, dataset index): the same on every run, any worker coun
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,6 +40,32 @@ def draft_scale(c: Crop, size: int) -> int:
     while scale < 8 and min(c.w, c.h) / (2 * scale) >= DRAFT_MARGIN * size:
         scale *= 2
     return scale
+
+
+def val_transform(im: Image.Image, image_size: int, val_resize: int) -> np.ndarray:
+    """Resize(val_resize) + CenterCrop(image_size) with PIL, as torchvision does: HWC uint8 RGB."""
+    w, h = val_resize_size(*im.size, val_resize)
+    left, top = center_crop_origin(w, h, image_size)
+    out = im.convert("RGB").resize((w, h), Image.Resampling.BILINEAR)
+    return np.array(out.crop((left, top, left + image_size, top + image_size)))
+
+
+def load_val_images(paths: Sequence[str | Path], image_size: int, val_resize: int,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """A few chosen files through the validation transform, normalised: float32 NCHW on `device`.
+
+    For pictures of single images (TensorBoard's fixed set, scripts/show_importance.py) whatever the
+    training backend; a file that cannot be read is a DataError naming it.
+    """
+    batch = torch.empty((len(paths), image_size, image_size, 3), dtype=torch.uint8)
+    for k, path in enumerate(paths):
+        try:
+            with Image.open(path, formats=FORMATS) as im:
+                batch[k] = torch.from_numpy(val_transform(im, image_size, val_resize))
+        except DECODE_ERRORS as e:
+            raise DataError(f"{path}: cannot be read as a JPEG or PNG image ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())})") from None
+    return normalizer(torch.device(device))(batch)
 
 
 class Decoder(torch.utils.data.Dataset):
@@ -92,10 +119,7 @@ class Decoder(torch.utils.data.Dataset):
         return np.array(out)
 
     def _val(self, im: Image.Image) -> np.ndarray:
-        w, h = val_resize_size(*im.size, self.val_resize)
-        left, top = center_crop_origin(w, h, self.size)
-        out = im.convert("RGB").resize((w, h), Image.Resampling.BILINEAR)
-        return np.array(out.crop((left, top, left + self.size, top + self.size)))
+        return val_transform(im, self.size, self.val_resize)
 
     def __getitems__(self, keys: list[tuple[int, int]]):
         """(uint8 NHWC batch, int64 labels, [(path, reason) of files that failed to decode])."""

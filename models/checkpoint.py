@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 # Plain numpy scalars (e.g. a saved best accuracy) rebuild without running code from the file; numpy 1
 # pickles name the scalar constructor `numpy.core...`, numpy 2 pickles `numpy._core...`.
@@ -55,7 +56,9 @@ def extract_state_dict(ckpt: Mapping[str, Any], path: str | Path = "checkpoint")
     if not_tensors:
         raise CheckpointError(f"{path}: no model state_dict found (non-tensor entries such as "
                               f"'{not_tensors[0]}'; expected keys 'model', 'state_dict' or a bare state_dict)")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    state = dict(state)
+    consume_prefix_in_state_dict_if_present(state, "module.")
+    return state
 
 
 def _listing(keys: list[str], limit: int = 5) -> str:

@@ -18,11 +18,13 @@ import torch
 import torchvision.transforms as T
 import torchvision.transforms.v2.functional as F
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from data import DataError, build_loader
-from data.geometry import MEAN, STD, train_crop
+from data.geometry import train_crop
 from data.torchvision_loader import Decoder, draft_scale
 
+MEAN, STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 BACKENDS = ["torchvision", "dali_cpu"]
 CLASSES = ["n01440764", "n01443537", "n01484850"]
 # (class, name, width, height, kind): ImageNet-like sizes; 11 train and 7 val images are usable.

@@ -22,9 +22,9 @@ from models import CheckpointError
 from models.checkpoint import read_checkpoint
 
 from .distributed import Dist, all_gather_objects, barrier
-from .engine import TrainState
 from .errors import NonFiniteLossError
 from .recipe import Recipe
+from .state import TrainState
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -54,12 +54,6 @@ def ensure_finite(model: nn.Module, where: str) -> None:
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise NonFiniteLossError(f"non-finite weights in '{name}' at {where}; no checkpoint written, "
                                      "the last good checkpoint is kept")
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:

@@ -14,11 +14,14 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ConfigError(UserError):
@@ -71,7 +74,8 @@ SCHEMA: dict[str, Option] = {
                                 "or OMP_NUM_THREADS)", minimum=1, nullable=True),
     "train.channels_last": Option(True, bool, "channels_last memory format (applied on GPU only)"),
     "train.log_every": Option(50, int, "steps between train.log lines and TensorBoard train scalars", minimum=1),
-    "train.label_smoothing": Option(0.0, float, "label smoothing (timm loss); 0 = off", minimum=0.0, maximum=0.99),
+    "train.label_smoothing": Option(0.0, float, "label smoothing of the cross-entropy loss; 0 = off", minimum=0.0,
+                                   maximum=0.99),
     "train.mixup_alpha": Option(0.0, float, "timm Mixup alpha; 0 = off", minimum=0.0),
     "train.cutmix_alpha": Option(0.0, float, "timm CutMix alpha; 0 = off", minimum=0.0),
     "train.ema_decay": Option(0.0, float, "timm ModelEmaV3 decay per step; 0 = off", minimum=0.0, maximum=0.999999),
@@ -277,6 +281,12 @@ def check_world_size(cfg: Mapping[str, Any], world_size: int) -> int:
         raise ConfigError(f"train.batch_size={batch} gives {per_rank} images per rank; mixup/cutmix need an even "
                           "number per rank")
     return per_rank
+
+
+def use_channels_last(cfg: Mapping[str, Any], device: torch.device) -> bool:
+    """Whether the model and its inputs go channels_last: train.channels_last, on a GPU only (CPU convolutions
+    are slower in that layout). Decided here alone, for training, evaluation and every script."""
+    return bool(cfg["train"]["channels_last"]) and device.type == "cuda"
 
 
 def save_config(cfg: Mapping[str, Any], path: str | Path) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,34 +21,14 @@ from tqdm import tqdm
 
 from data import Loader
 
+from .config import use_channels_last
 from .distributed import Dist, all_reduce_sum
 from .errors import NonFiniteLossError
 from .logger import RunLog
 from .metrics import Metrics
 from .recipe import Recipe
 from .signals import StopRequest
-
-
-@dataclass
-class TrainState:
-    """Where training stands. Saved in every checkpoint, so a rerun continues exactly where it was."""
-
-    epoch: int = 0  # epoch in progress, 0-based
-    step: int = 0  # batches done in that epoch
-    global_step: int = 0  # optimizer steps done in the run
-    loss_sum: float = 0.0  # sum of this epoch's per-step losses (mean over ranks)
-    images: int = 0  # images trained on this epoch, all ranks
-    seconds: float = 0.0  # training time spent on this epoch, across restarts
-    best_top1: float = -1.0
-    history: list[dict[str, Any]] = field(default_factory=list)  # one metrics row per finished epoch
-
-    def finish_epoch(self, row: dict[str, Any]) -> bool:
-        """Record the epoch's row and move to the next epoch; True when it is the best top-1 so far."""
-        self.history.append(row)
-        best = row["val_top1"] > self.best_top1
-        self.best_top1 = max(self.best_top1, row["val_top1"])
-        self.epoch, self.step, self.loss_sum, self.images, self.seconds = self.epoch + 1, 0, 0.0, 0, 0.0
-        return best
+from .state import TrainState
 
 
 @dataclass
@@ -166,7 +146,7 @@ def train_one_epoch(model: nn.Module, loader: Loader, recipe: Recipe, state: Tra
     """Train the rest of `state.epoch`; returns True when a stop signal ended it (checkpoint written)."""
     cfg, d = ctx.cfg, ctx.dist
     every, nan_at = cfg["checkpoint"]["every_steps"], cfg["debug"]["nan_at_step"]
-    channels_last = cfg["train"]["channels_last"] and d.device.type == "cuda"
+    channels_last = use_channels_last(cfg, d.device)
     agreement = StepAgreement(d.world_size, ctx.stop)
     progress = Progress(ctx, state)
     lap = time.perf_counter()
@@ -228,12 +208,11 @@ class EvalResult:
     top1: float  # percent
     top5: float  # percent
     seconds: float
-    samples: torch.Tensor | None  # this rank's first images, for the importance maps
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Loader, d: Dist,
-             autocast: Callable[[], Any], channels_last: bool = False, keep: int = 0) -> EvalResult:
+             autocast: Callable[[], Any], channels_last: bool = False) -> EvalResult:
     """Top-1/top-5/loss over the whole split: each rank sums its shard, one all_reduce adds them up.
 
     Pass the bare model, not the DDP wrapper: ranks may see different numbers of batches, and DDP's
@@ -243,14 +222,7 @@ def evaluate(model: nn.Module, loader: Loader, d: Dist,
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=d.device)  # loss sum, top-1 hits, top-5 hits
     count = 0
-    # `keep` images spread over this rank's batches (the same ones every epoch), for the importance maps
-    stride = max(1, len(loader) // keep) if keep else 0
-    per_batch = math.ceil(keep * stride / max(len(loader), 1)) if keep else 0
-    kept: list[torch.Tensor] = []
-    for i, (images, labels) in enumerate(loader):
-        have = sum(k.shape[0] for k in kept)
-        if have < keep and i % stride == 0:
-            kept.append(images[: min(per_batch, keep - have)])
+    for images, labels in loader:
         count += labels.shape[0]
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -266,8 +238,7 @@ def evaluate(model: nn.Module, loader: Loader, d: Dist,
     loss_sum, top1, top5, n = totals.tolist()
     images = int(n)
     n = max(n, 1.0)
-    return EvalResult(images, loss_sum / n, 100.0 * top1 / n, 100.0 * top5 / n, time.perf_counter() - start,
-                      torch.cat(kept) if kept else None)
+    return EvalResult(images, loss_sum / n, 100.0 * top1 / n, 100.0 * top5 / n, time.perf_counter() - start)
 
 
 def epoch_row(state: TrainState, lr: float, val: EvalResult, ema_val: EvalResult | None) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
@@ -14,6 +15,11 @@ class RunLog:
     def __init__(self, rank: int, world_size: int) -> None:
         self.rank, self.world_size = rank, world_size
         self._file = None
+        self._at_end: list[Callable[[], None]] = []
+
+    def close_at_end(self, close: Callable[[], None]) -> None:
+        """Also call `close` when the log closes: at the end of the run however it ends (see cli.run_main)."""
+        self._at_end.append(close)
 
     def open(self, path: Path) -> None:
         """Start appending to train.log (rank 0); a resumed run continues the same file."""
@@ -42,6 +48,8 @@ class RunLog:
         self._to_file(msg)
 
     def close(self) -> None:
+        while self._at_end:
+            self._at_end.pop()()
         if self._file is not None:
             self._file.close()
             self._file = None

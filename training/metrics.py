@@ -14,12 +14,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.tensorboard import SummaryWriter
+from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
 
-from data.geometry import MEAN, STD
+from data import Loader, load_val_images
+
+PAD = 2  # pixels between tiles (make_grid's padding)
 
 
 def _hot(gray: torch.Tensor) -> torch.Tensor:
@@ -33,8 +39,8 @@ def importance_grid(images: torch.Tensor, maps: Mapping[str, torch.Tensor]) -> t
     Maps are averaged over channels and scaled to [0,1] per image, so each shows where that layer weighs
     its pooling windows most, not the absolute magnitude.
     """
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
     images = images.detach().float().cpu()
     columns = [(images * std + mean).clamp(0, 1)]
     for m in maps.values():
@@ -44,7 +50,64 @@ def importance_grid(images: torch.Tensor, maps: Mapping[str, torch.Tensor]) -> t
         m = (m - lo) / (hi - lo).clamp_min(1e-12)
         columns.append(_hot(F.interpolate(m, size=images.shape[-2:], mode="nearest")))
     tiles = torch.stack(columns, dim=1).flatten(0, 1)  # image0, maps of image0, image1, ...
-    return make_grid(tiles, nrow=len(columns), padding=2, pad_value=1.0)
+    return make_grid(tiles, nrow=len(columns), padding=PAD, pad_value=1.0)
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(name: str, draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont, width: int) -> list[str]:
+    """A layer path on as few lines as fit `width`, broken after its dots (layer2.0. / downsample.lip)."""
+    parts = [p + "." for p in name.split(".")]
+    parts[-1] = parts[-1][:-1]
+    lines = [parts[0]]
+    for part in parts[1:]:
+        if draw.textlength(lines[-1] + part, font=font) <= width:
+            lines[-1] += part
+        else:
+            lines.append(part)
+    return lines
+
+
+def importance_figure(images: torch.Tensor, maps: Mapping[str, torch.Tensor]) -> Image.Image:
+    """`importance_grid` under a header naming each column: 'image', then each LIP layer's module path."""
+    grid = to_pil_image(importance_grid(images, maps))
+    tile = images.shape[-1]
+    draw = ImageDraw.Draw(grid)  # only to measure text
+    words = [w + "." for name in maps for w in name.split(".")]
+    font_size = max(10, tile // 14)
+    font = _font(font_size)
+    while font_size > 6 and max(draw.textlength(w, font=font) for w in ["image", *words]) > tile:
+        font_size -= 1  # small tiles: shrink the labels rather than run them into the next column
+        font = _font(font_size)
+    labels = [_wrap(name, draw, font, tile) for name in ("image", *maps)]
+    line = font_size + 2
+    header = PAD + line * max(len(lines) for lines in labels) + PAD
+    figure = Image.new("RGB", (grid.width, grid.height + header), "white")
+    figure.paste(grid, (0, header))
+    draw = ImageDraw.Draw(figure)
+    for column, lines in enumerate(labels):
+        left = PAD + column * (tile + PAD)
+        for row, text in enumerate(lines):
+            x = left + max(0.0, (tile - draw.textlength(text, font=font)) / 2)
+            draw.text((x, PAD + row * line), text, fill="black", font=font)
+    return figure
+
+
+def fixed_val_images(loader: Loader, count: int, data_cfg: Mapping[str, Any],
+                     device: torch.device) -> torch.Tensor | None:
+    """`count` val images spread evenly over the split (so over its classes), the same ones every epoch
+    and on every restart: the rows of the importance maps in TensorBoard. None when count is 0."""
+    count = min(count, loader.num_images)
+    if count == 0:
+        return None
+    picks = np.linspace(0, loader.num_images - 1, count).round().astype(int)
+    paths = [loader.index.path(int(i)) for i in picks]
+    return load_val_images(paths, data_cfg["image_size"], data_cfg["val_resize"], device)
 
 
 class Metrics:
@@ -78,7 +141,8 @@ class Metrics:
         """The fixed val images beside each LIP layer's importance map (nothing for baseline models)."""
         if not maps:
             return
-        self.tb.add_image("lip/importance_maps", importance_grid(images, maps), global_step)
+        figure = np.asarray(importance_figure(images, maps))
+        self.tb.add_image("lip/importance_maps", figure, global_step, dataformats="HWC")
         self.tb.add_text("lip/importance_maps_columns", "image | " + " | ".join(maps), global_step)
         self.tb.flush()
 

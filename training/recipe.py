@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import MultiStepLRScheduler
 from timm.utils import ModelEmaV3
@@ -62,10 +62,8 @@ def build_recipe(cfg: dict[str, Any], model: nn.Module, steps_per_epoch: int, nu
         mixup = Mixup(mixup_alpha=train["mixup_alpha"], cutmix_alpha=train["cutmix_alpha"],
                       label_smoothing=train["label_smoothing"], num_classes=num_classes)
         criterion: nn.Module = SoftTargetCrossEntropy()
-    elif train["label_smoothing"] > 0:
-        criterion = LabelSmoothingCrossEntropy(smoothing=train["label_smoothing"])
     else:
-        criterion = nn.CrossEntropyLoss()
+        criterion = nn.CrossEntropyLoss(label_smoothing=train["label_smoothing"])
 
     ema = ModelEmaV3(model, decay=train["ema_decay"]) if train["ema_decay"] > 0 else None
     scaler = torch.amp.GradScaler(device.type) if train["amp"] == "fp16" else None
