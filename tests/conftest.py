@@ -1,8 +1,9 @@
 """Fixtures several test modules share, and the markers' run-time rules.
 
-Markers (registered in pyproject.toml): `slow` (subprocesses, training runs, torchrun), `slurm` (the real
-SLURM cluster, which needs root) and `cuda` (skipped without a CUDA device). The quick tier is
-`pytest -m "not slow and not slurm"` (`make quick`).
+Markers (registered in pyproject.toml): `slow` (subprocesses, training runs, torchrun, full-size networks),
+`slurm` (the real SLURM cluster, which needs root) and `cuda` (skipped without a CUDA device;
+scripts/gpu_check.sh runs them on a GPU). The quick tier is `pytest -m "not slow and not slurm"`
+(`make quick`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     no_gpu = pytest.mark.skip(reason="needs a CUDA device (none visible to torch here)")
     for item in items:
-        if "cuda" in item.keywords:
+        if item.get_closest_marker("cuda") is not None:
             item.add_marker(no_gpu)
 
 
