@@ -70,6 +70,7 @@ def test_opcheck_half_output(backend):
     torch.library.opcheck(torch.ops.lip.forward.default, (x, t, 12.0, True, 3, 2, 1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LIP_MODELS)
 def test_compile_fullgraph_forward_backward_equals_eager(name):
     """Training mode, so LIPPool's checkpoint recompute is traced too; no graph break anywhere."""
@@ -99,6 +100,7 @@ def check_decomposed(ep: torch.export.ExportedProgram, model: nn.Module, x: torc
         torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LIP_MODELS)
 def test_export_eval_equals_eager(name):
     """Strict export in eval mode keeps lip::forward; for one big model the decomposed program is checked too."""
