@@ -114,6 +114,7 @@ def test_export_eval_equals_eager(name):
         check_decomposed(ep, model, x)
 
 
+@pytest.mark.slow
 def test_export_decompositions_leave_plain_aten():
     model = lip_model("lip_resnet_tiny").eval()
     x = randn(2, 3, 64, 64, seed=7)
