@@ -202,8 +202,8 @@ def test_draft_mode_for_large_jpegs_keeps_semantics(root, tmp_path):
     item = next(i for i in range(ld.num_images) if ld.index.relpath(i).endswith("/d.JPEG"))
     path = ld.index.path(item)
     key = next(k for k in range(1000) if drafted(path, 7, 0, k))
-    decoder = Decoder(ld.index, True, 7, 224, 256)
-    image = F.normalize(decoder.load(item, 0, key).permute(2, 0, 1).float() / 255, MEAN, STD)
+    decoder = Decoder(ld.index, True, 7, 256)
+    image = F.normalize(decoder.load(item, 0, key, 224).permute(2, 0, 1).float() / 255, MEAN, STD)
     assert_close_to(image, train_reference(path, 7, 0, key, pil=True), False, "drafted", DRAFT_BOUNDS)
 
 
@@ -306,29 +306,36 @@ def test_config_errors_are_one_line(root, tmp_path):
 RANK_SCRIPT = """
 import json, sys, torch, torch.distributed as dist
 from data import build_loader
-dist.init_process_group("gloo")
-rank, world = dist.get_rank(), dist.get_world_size()
-root, cache, out = sys.argv[1:4]
-classifier = torch.nn.Linear(3, 3)
-torch.nn.init.normal_(classifier.weight, generator=torch.Generator().manual_seed(0))
-torch.nn.init.zeros_(classifier.bias)
-result = {}
-for backend in ("torchvision", "dali_cpu"):
-    cfg = {"root": root, "backend": backend, "workers": 1, "image_size": 224, "val_resize": 256}
-    kw = dict(batch_size=2, rank=rank, world_size=world, seed=7, device="cpu", cache_dir=cache, log=lambda _: None)
-    val = build_loader(cfg, "val", **kw)
-    sums = torch.zeros(3)  # top-1 hits, top-2 hits, images: what the trainer all-reduces
-    for images, labels in val:
-        top = classifier(images.mean(dim=(2, 3))).topk(2, dim=1).indices
-        sums += torch.tensor([(top[:, 0] == labels).sum(), (top == labels[:, None]).any(1).sum(), len(labels)])
-    dist.all_reduce(sums)
-    train = build_loader(cfg, "train", **kw)
-    lengths = [None] * world
-    dist.all_gather_object(lengths, len(train))
-    result[backend] = {"sums": sums.tolist(), "train_lengths": lengths}
-if rank == 0:
-    json.dump(result, open(out, "w"))
-dist.destroy_process_group()
+
+
+def main():
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    root, cache, out = sys.argv[1:4]
+    classifier = torch.nn.Linear(3, 3)
+    torch.nn.init.normal_(classifier.weight, generator=torch.Generator().manual_seed(0))
+    torch.nn.init.zeros_(classifier.bias)
+    result = {}
+    for backend in ("torchvision", "dali_cpu"):
+        cfg = {"root": root, "backend": backend, "workers": 1, "image_size": 224, "val_resize": 256}
+        kw = dict(batch_size=2, rank=rank, world_size=world, seed=7, device="cpu", cache_dir=cache, log=lambda _: None)
+        val = build_loader(cfg, "val", **kw)
+        sums = torch.zeros(3)  # top-1 hits, top-2 hits, images: what the trainer all-reduces
+        for images, labels in val:
+            top = classifier(images.mean(dim=(2, 3))).topk(2, dim=1).indices
+            sums += torch.tensor([(top[:, 0] == labels).sum(), (top == labels[:, None]).any(1).sum(), len(labels)])
+        dist.all_reduce(sums)
+        train = build_loader(cfg, "train", **kw)
+        lengths = [None] * world
+        dist.all_gather_object(lengths, len(train))
+        result[backend] = {"sums": sums.tolist(), "train_lengths": lengths}
+    if rank == 0:
+        json.dump(result, open(out, "w"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # the DALI loaders spawn worker processes, which import this file
+    main()
 """
 
 
