@@ -229,6 +229,27 @@ def test_dali_pipeline_built_once_follows_epochs_sizes_and_the_torchvision_order
     assert dali._pipe is None and val._pipe is None
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_dali_pipeline_built_once_with_sizes_order_and_channels_last(root, tmp_path):
+    """The `dali` backend (GPU decode): one pipeline over epochs of changing size, the torchvision order and
+    labels, NHWC channels_last float batches on the device, pixels near the CPU decode."""
+    pytest.importorskip("nvidia.dali")
+    cfg = {"root": str(root), "backend": "dali", "workers": 2, "image_size": 224, "val_resize": 256, **PROGRESSIVE}
+    gpu = build_loader(cfg, "train", batch_size=3, rank=0, world_size=1, seed=7, device="cuda",
+                       cache_dir=tmp_path / "cache", channels_last=True, log=lambda _: None)
+    tv = loader(root, tmp_path, "torchvision", "train", batch_size=3, **PROGRESSIVE)
+    for epoch, size in enumerate(SIZES):
+        got, ref = run(gpu, epoch), run(tv, epoch)
+        assert all(x.is_cuda and x.dtype == torch.float32 and x.shape == (3, 3, size, size)
+                   and x.is_contiguous(memory_format=torch.channels_last) for x, _ in got)
+        assert torch.equal(torch.cat([y for _, y in got]).cpu(), torch.cat([y for _, y in ref]))
+        diff = (torch.cat([x for x, _ in got]).cpu() - torch.cat([x for x, _ in ref])).abs()
+        assert diff.mean() < 0.02, f"epoch {epoch}: mean {diff.mean():.4f}"
+    assert gpu.builds == 1
+    gpu.close()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_channels_last_is_a_view_of_the_same_values(root, tmp_path, backend):
     plain = torch.cat([x for x, _ in run(loader(root, tmp_path, backend, "val", batch_size=4))])
