@@ -30,11 +30,3 @@ class TrainSizes:
         exact = self.start_size + Fraction((self.final_size - self.start_size) * (epoch - self.start_epoch),
                                            self.end_epoch - self.start_epoch)
         return int(exact / self.multiple + Fraction(1, 2)) * self.multiple  # floor(x + 1/2): halves up
-
-    @classmethod
-    def from_config(cls, data_cfg: dict) -> TrainSizes:
-        """From the config's `data` section (data.image_size and data.progressive.*)."""
-        progressive = data_cfg.get("progressive") or {}
-        return cls(final_size=data_cfg.get("image_size", 224), start_size=progressive.get("start_size"),
-                   start_epoch=progressive.get("start_epoch", 0), end_epoch=progressive.get("end_epoch", 0),
-                   multiple=progressive.get("multiple", 32))
