@@ -230,7 +230,6 @@ def test_dali_pipeline_built_once_follows_epochs_sizes_and_the_torchvision_order
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_dali_pipeline_built_once_with_sizes_order_and_channels_last(root, tmp_path):
     """The `dali` backend (GPU decode): one pipeline over epochs of changing size, the torchvision order and
     labels, NHWC channels_last float batches on the device, pixels near the CPU decode."""
