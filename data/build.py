@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .cpus import default_workers
+from .cpus import available_cpus, default_workers, local_ranks
 from .errors import DataError
 from .index import load_index
 from .loader import Loader
@@ -55,7 +55,7 @@ def build_loader(cfg: dict, split: str, *, batch_size: int, rank: int, world_siz
     backend = cfg.get("backend", "torchvision")
     if backend not in BACKENDS:
         raise DataError(f"data.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    workers = default_workers() if cfg.get("workers") is None else _int(cfg, "workers", None, 0)
+    workers = _int(cfg, "workers", None, 0) if cfg.get("workers") is not None else default_workers()
     sizes = train_sizes(cfg)
     val_size = _optional_int(cfg, "val_image_size", 1) or sizes.final_size
     val_resize = _int(cfg, "val_resize", 256, 1)
@@ -76,6 +76,9 @@ def build_loader(cfg: dict, split: str, *, batch_size: int, rank: int, world_siz
                             f"(CUDA available: {torch.cuda.is_available()}); use dali_cpu or torchvision")
 
     cache_dir = cfg.get("cache_dir") or cache_dir  # an explicit data.cache_dir wins over the caller's default
+    if cfg.get("workers") is None and split == "train":
+        log(f"data.workers: {workers} per rank ({available_cpus()} CPUs for this process, {local_ranks()} "
+            f"rank(s) on this node)")
     index = load_index(Path(root), split, cache_dir, log)
     train = split == "train"
     if train and len(index) < batch_size * world_size:
