@@ -47,14 +47,14 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
 
     log.open(out / "train.log")
     quiet = log.info if d.is_main else (lambda _msg: None)
+    channels_last = use_channels_last(cfg, d.device)
     loader_args = {"rank": d.rank, "world_size": d.world_size, "seed": cfg["seed"], "device": d.device,
-                   "cache_dir": cfg["data"]["cache_dir"], "log": quiet}
+                   "cache_dir": cfg["data"]["cache_dir"], "log": quiet, "channels_last": channels_last}
     train_loader = build_loader(cfg["data"], "train", batch_size=batch_per_rank, **loader_args)
     val_loader = build_loader(cfg["data"], "val", batch_size=batch_per_rank, **loader_args)
     steps_per_epoch = len(train_loader)
     num_classes = cfg["num_classes"] or len(train_loader.classes)
 
-    channels_last = use_channels_last(cfg, d.device)
     model = create_model(cfg["model"], num_classes=num_classes).to(d.device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -98,7 +98,7 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
         ema_val = None
         if recipe.ema is not None:
             ema_val = evaluate(recipe.ema.module, val_loader, d, recipe.autocast, channels_last)
-        row = epoch_row(state, recipe.optimizer.param_groups[0]["lr"], val, ema_val)
+        row = epoch_row(state, recipe.optimizer.param_groups[0]["lr"], val, ema_val, train_loader.sizes(state.epoch))
         log.info(describe_row(row))
         is_best = state.finish_epoch(row)
         ckpt.save(state, best=is_best)  # holds the row: metrics.jsonl is rebuilt from it after a crash

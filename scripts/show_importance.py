@@ -4,10 +4,11 @@
         --checkpoint runs/lip_resnet50/checkpoints/best.pth cat.jpg dog.png --out importance.png
 
 The picture TensorBoard shows during training (lip/importance_maps), for any images: each goes through
-the config's validation transform (shorter side data.val_resize, center crop data.image_size), and each
-map is exp(logit) of one LIP layer averaged over channels and scaled to [0, 1] per image, shown in the
-'hot' colormap (bright = weighed most when pooling). No dataset is read: the number of classes comes from
-the checkpoint (ours or the authors' release) and data.root may be unset. Exit 2 on bad input.
+the config's validation transform (shorter side data.val_resize, center crop data.val_image_size, or
+data.image_size when that is unset), and each map is exp(logit) of one LIP layer averaged over channels
+and scaled to [0, 1] per image, shown in the 'hot' colormap (bright = weighed most when pooling). No
+dataset is read: the number of classes comes from the checkpoint (ours or the authors' release) and
+data.root may be unset. Exit 2 on bad input.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     load_checkpoint(model, checkpoint)  # all or nothing, and a one-line error if it is another model's
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    images = load_val_images(args.images, cfg["data"]["image_size"], cfg["data"]["val_resize"], device)
+    size = cfg["data"].get("val_image_size") or cfg["data"]["image_size"]  # the val crop, as in evaluation
+    images = load_val_images(args.images, size, cfg["data"]["val_resize"], device)
     with torch.no_grad():
         maps = importance_maps(model.to(device), images)
     if not maps:

@@ -86,11 +86,13 @@ def test_paper_recipe_configs(name: str) -> None:
     assert cfg["train"]["epochs"] == 90 and cfg["train"]["batch_size"] == 256
     assert cfg["data"]["image_size"] == 224 and cfg["data"]["val_resize"] == 256
     assert (cfg["data"]["backend"], cfg["data"]["workers"], cfg["train"]["amp"], cfg["train"]["channels_last"]) == (
-        "dali", 8, "bf16", True)
+        "dali", None, "bf16", True)  # workers: null = the job's CPUs per rank
     assert (cfg["train"]["log_every"], cfg["checkpoint"]["every_steps"], cfg["tb"]["num_images"]) == (100, 1000, 8)
     assert cfg["optim"] == {"name": "momentum", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4,
                             "filter_bias_and_bn": False}
-    assert cfg["sched"] == {"milestones": [30, 60, 80], "gamma": 0.1, "warmup_epochs": 0}
+    assert cfg["sched"] == {"name": "step", "milestones": [30, 60, 80], "gamma": 0.1, "min_lr": 0.0,
+                            "warmup_epochs": 0}
+    assert cfg["data"]["progressive"]["start_size"] is None and cfg["data"]["val_image_size"] is None
     assert (cfg["train"]["label_smoothing"], cfg["train"]["mixup_alpha"], cfg["train"]["cutmix_alpha"],
             cfg["train"]["ema_decay"]) == (0, 0, 0, 0)
     assert scaled_lr(cfg) == pytest.approx(0.1)

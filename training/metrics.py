@@ -107,7 +107,8 @@ def fixed_val_images(loader: Loader, count: int, data_cfg: Mapping[str, Any],
         return None
     picks = np.linspace(0, loader.num_images - 1, count).round().astype(int)
     paths = [loader.index.path(int(i)) for i in picks]
-    return load_val_images(paths, data_cfg["image_size"], data_cfg["val_resize"], device)
+    size = data_cfg.get("val_image_size") or data_cfg["image_size"]  # the val crop, as the val loader makes it
+    return load_val_images(paths, size, data_cfg["val_resize"], device)
 
 
 class Metrics:
@@ -134,6 +135,8 @@ class Metrics:
             if key in row:
                 self.tb.add_scalar(key.replace("val_", "val/", 1), row[key], row["step"])
         self.tb.add_scalar("epoch/train_loss", row["train_loss"], row["step"])
+        self.tb.add_scalar("epoch/lr", row["lr"], row["step"])
+        self.tb.add_scalar("epoch/image_size", row["image_size"], row["step"])
         self.tb.add_scalar("epoch/images_per_sec", row["images_per_sec"], row["step"])
         self.tb.flush()
 
