@@ -205,6 +205,7 @@ PROGRESSIVE = {"image_size": 224, "progressive": {"start_size": 160, "start_epoc
 SIZES = [160, 192, 224, 224]  # epochs 0..3: linear 160 -> 224 over epochs 0..2, rounded to multiples of 32
 
 
+@pytest.mark.slow
 def test_dali_pipeline_built_once_follows_epochs_sizes_and_the_torchvision_order(root, tmp_path):
     """One dali_cpu pipeline (its external_source in 2 worker processes) serves four train epochs of three
     sizes and four evaluations; every epoch's order, labels and crops equal the torchvision backend's."""
