@@ -22,6 +22,9 @@ FAMILIES = {  # timm model: (strided layers converted, the first of them)
     "vgg11_bn": (5, "features.3"),
 }
 
+# VGG's 4096-wide 7x7 pre-logits conv (103M parameters) only slows the tests down; it has no stride.
+SMALL = {"vgg11_bn": {"mlp_ratio": 1 / 64}}
+
 
 def stages(model: nn.Module, x: torch.Tensor) -> list[torch.Size]:
     feats = model.forward_intermediates(x, intermediates_only=True)
@@ -31,7 +34,7 @@ def stages(model: nn.Module, x: torch.Tensor) -> list[torch.Size]:
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_shapes_keys_and_weights_are_kept(name: str) -> None:
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=10).eval()
+    model = timm.create_model(name, num_classes=10, **SMALL.get(name, {})).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(2, 3, 64, 64)
     shapes = stages(model, x)
@@ -57,7 +60,7 @@ def test_shapes_keys_and_weights_are_kept(name: str) -> None:
 def test_one_training_step_is_finite_and_reaches_the_logit_modules(name: str) -> None:
     torch.manual_seed(0)
     # timm zero-inits ResNet's last BN of each residual branch, which would cut the branch LIPs' gradient.
-    extra = {"zero_init_last": False} if name == "resnet18" else {}
+    extra = {"zero_init_last": False} if name == "resnet18" else SMALL.get(name, {})
     model = lipify(timm.create_model(name, num_classes=10, **extra),
                    logit="bottleneck" if name == "vgg11_bn" else "depthwise")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
