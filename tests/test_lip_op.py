@@ -17,6 +17,7 @@ from torch import nn
 
 import models.lip as lip
 from models.lip import gated_lip2d, lip2d, lip_backend
+from models.lip_extension import extension_spec
 
 REPO = Path(__file__).resolve().parents[1]
 GEOMETRIES = [(3, 2, 1), (2, 2, 0), (3, 1, 1)]
@@ -82,13 +83,13 @@ def test_build_script_is_a_quick_noop_when_up_to_date():
                           text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines() == [f"lip extension: up to date "
-                                                f"({lip.extension_spec().library.relative_to(REPO)})"]
+                                                f"({extension_spec().library.relative_to(REPO)})"]
 
 
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     monkeypatch.delenv("LIP_BACKEND", raising=False)
     monkeypatch.setattr(lip, "_extension", lambda: (None, "no build at build/lip_ext/x"))
-    monkeypatch.setattr(lip, "_warned_fallback", False)
+    monkeypatch.setattr(lip, "_warned", set())
     with pytest.warns(UserWarning, match="pure-PyTorch path.*build_ext.py"):
         assert lip_backend() == "torch"
     with warnings.catch_warnings():
