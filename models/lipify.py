@@ -234,8 +234,13 @@ _LIPIFY_ARGS = ("logit", "logit_width", "convert_stem", "exclude")
 
 
 def _lipified(base: str, pretrained: bool, **kwargs: object) -> nn.Module:
+    """The base network's pretrained weights, or with pretrained_cfg_overlay=dict(file=...) a lipified file."""
     options = {k: kwargs.pop(k) for k in _LIPIFY_ARGS if k in kwargs}
-    return lipify(timm.create_model(base, pretrained=pretrained, **kwargs), **options)  # type: ignore[arg-type]
+    file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")  # type: ignore[union-attr]
+    model = lipify(timm.create_model(base, pretrained=pretrained and not file, **kwargs), **options)  # type: ignore[arg-type]
+    if pretrained and file:
+        timm.models.load_checkpoint(model, file)  # strict: the file must hold the logit modules too
+    return model
 
 
 @register_model

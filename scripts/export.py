@@ -93,7 +93,7 @@ def export_onnx(model: nn.Module, out: Path, image_size: int, metadata: dict[str
         program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
         program = program.run_decompositions(export_decompositions())
         torch.onnx.export(program, (example,), str(out), input_names=["image"], output_names=["logits"],
-                          external_data=False)
+                          external_data=False, verbose=False)
     proto = onnx.load(str(out))
     for key, value in metadata.items():
         proto.metadata_props.add(key=key, value=value)
