@@ -32,15 +32,18 @@ _ARCHS = {"lip_resnet50": lip_resnet50, "lip_resnet101": lip_resnet101}
 
 
 def lip_resnet_fpn_backbone(arch: str = "lip_resnet50", weights_backbone: str | Path | None = None,
-                            trainable_backbone_layers: int = 3, returned_layers: tuple[int, ...] = (1, 2, 3, 4),
+                            trainable_backbone_layers: int | None = 3, returned_layers: tuple[int, ...] = (1, 2, 3, 4),
                             extra_blocks: ExtraFPNBlock | None = None) -> BackboneWithFPN:
     """A LIP-ResNet with an FPN on the outputs of `returned_layers` (256 channels each).
 
     `weights_backbone` is an ImageNet checkpoint (ours or the authors' release), loaded with
     `load_checkpoint`'s rules (safe, all or nothing) except that the classifier's keys are ignored.
+    `trainable_backbone_layers=None` means 3, as in torchvision (its reference scripts pass None).
     """
     if arch not in _ARCHS:
         raise ValueError(f"unknown LIP-ResNet '{arch}'; valid: {', '.join(_ARCHS)}")
+    if trainable_backbone_layers is None:
+        trainable_backbone_layers = 3
     if not 0 <= trainable_backbone_layers <= len(_STAGES):
         raise ValueError(f"trainable_backbone_layers must be in [0, {len(_STAGES)}], got {trainable_backbone_layers}")
     backbone: LIPResNet = _ARCHS[arch]()
@@ -59,14 +62,14 @@ def lip_resnet_fpn_backbone(arch: str = "lip_resnet50", weights_backbone: str | 
                            extra_blocks=extra_blocks or LastLevelMaxPool())
 
 
-def _faster_rcnn(arch: str, num_classes: int, weights_backbone: str | Path | None, trainable_backbone_layers: int,
-                 **kwargs: object) -> FasterRCNN:
+def _faster_rcnn(arch: str, num_classes: int, weights_backbone: str | Path | None,
+                 trainable_backbone_layers: int | None, **kwargs: object) -> FasterRCNN:
     backbone = lip_resnet_fpn_backbone(arch, weights_backbone, trainable_backbone_layers)
     return FasterRCNN(backbone, num_classes=num_classes, **kwargs)
 
 
-def _retinanet(arch: str, num_classes: int, weights_backbone: str | Path | None, trainable_backbone_layers: int,
-               **kwargs: object) -> RetinaNet:
+def _retinanet(arch: str, num_classes: int, weights_backbone: str | Path | None,
+               trainable_backbone_layers: int | None, **kwargs: object) -> RetinaNet:
     # torchvision's RetinaNet v1: P3-P5 from the FPN, P6/P7 from P5
     backbone = lip_resnet_fpn_backbone(arch, weights_backbone, trainable_backbone_layers, returned_layers=(2, 3, 4),
                                        extra_blocks=LastLevelP6P7(256, 256))
@@ -74,24 +77,24 @@ def _retinanet(arch: str, num_classes: int, weights_backbone: str | Path | None,
 
 
 def fasterrcnn_lip_resnet50_fpn(num_classes: int = 91, weights_backbone: str | Path | None = None,
-                                trainable_backbone_layers: int = 3, **kwargs: object) -> FasterRCNN:
+                                trainable_backbone_layers: int | None = 3, **kwargs: object) -> FasterRCNN:
     """Faster R-CNN with a LIP-ResNet-50-FPN backbone."""
     return _faster_rcnn("lip_resnet50", num_classes, weights_backbone, trainable_backbone_layers, **kwargs)
 
 
 def fasterrcnn_lip_resnet101_fpn(num_classes: int = 91, weights_backbone: str | Path | None = None,
-                                 trainable_backbone_layers: int = 3, **kwargs: object) -> FasterRCNN:
+                                 trainable_backbone_layers: int | None = 3, **kwargs: object) -> FasterRCNN:
     """Faster R-CNN with a LIP-ResNet-101-FPN backbone."""
     return _faster_rcnn("lip_resnet101", num_classes, weights_backbone, trainable_backbone_layers, **kwargs)
 
 
 def retinanet_lip_resnet50_fpn(num_classes: int = 91, weights_backbone: str | Path | None = None,
-                               trainable_backbone_layers: int = 3, **kwargs: object) -> RetinaNet:
+                               trainable_backbone_layers: int | None = 3, **kwargs: object) -> RetinaNet:
     """RetinaNet with a LIP-ResNet-50-FPN backbone."""
     return _retinanet("lip_resnet50", num_classes, weights_backbone, trainable_backbone_layers, **kwargs)
 
 
 def retinanet_lip_resnet101_fpn(num_classes: int = 91, weights_backbone: str | Path | None = None,
-                                trainable_backbone_layers: int = 3, **kwargs: object) -> RetinaNet:
+                                trainable_backbone_layers: int | None = 3, **kwargs: object) -> RetinaNet:
     """RetinaNet with a LIP-ResNet-101-FPN backbone."""
     return _retinanet("lip_resnet101", num_classes, weights_backbone, trainable_backbone_layers, **kwargs)
