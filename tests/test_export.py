@@ -19,6 +19,8 @@ from train_utils import make_dataset, run
 
 from data.geometry import MEAN, STD
 from models import LIPPool, create_model
+from scripts.export import build
+from training.errors import UserError
 
 
 def trained_looking(name: str, num_classes: int = 1000, seed: int = 0) -> nn.Module:
@@ -128,7 +130,6 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
         (["--checkpoint", str(tmp_path / "nope.pth"), *onnx_out], "checkpoint file not found"),
         (["--checkpoint", str(ckpt), "--format", "safetensors", "--out", str(tmp_path / "m.bin")],
          "must end in .safetensors"),
-        (["--checkpoint", str(ckpt), *onnx_out, "model=lip_densenet121"], "no classifier weight 'classifier.weight'"),
         (["--checkpoint", str(ckpt), *onnx_out, "num_classes=10"], "num_classes=10 in the config, but the classifier"),
     ]
     for args, message in cases:
@@ -137,3 +138,5 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (args, done.stderr)
         assert not (tmp_path / "m.onnx").exists()
+    with pytest.raises(UserError, match="no classifier weight 'classifier.weight' in it; is it a lip_densenet121"):
+        build("lip_densenet121", ckpt, None)
