@@ -230,14 +230,14 @@ def _out_shape(x: Tensor, k: int, s: int, p: int) -> tuple[int, int, int, int]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The custom ops. forward returns (out, out_exact, state, flags):
-#   out        the result, in the output dtype and x's memory format;
+# The custom ops. forward returns (out, out_exact, state, aux), all but aux in x's memory format:
+#   out        the result, in the output dtype;
 #   out_exact  out in the compute dtype when the output dtype is narrower (backward needs x - out without
 #              the output's rounding), else an empty tensor (backward reads out);
-#   state      output-sized, compute dtype: triton: lse = log of the window's sum of exp(logit);
-#              cpp/torch: that sum D itself, relative to the window maximum in the planes flagged below;
-#   flags      cpp/torch: (N, C) bool, the planes computed with the window maximum subtracted;
-#              triton: an empty 1-D tensor, which is how backward tells the two states apart.
+#   state      output-sized, compute dtype: the window's sum D of exp(logit - shift) (triton: log D);
+#   aux        cpp/torch: (N, C) bool, the planes shifted by their window maxima (else unshifted);
+#              triton: the window maxima (compute dtype), or an empty tensor where the shift is statically 0.
+#              Its dtype is how backward tells the two kinds of state apart.
 
 
 @torch.library.custom_op("lip::forward", mutates_args=())
@@ -250,21 +250,20 @@ def _forward_op(x: Tensor, t: Tensor, coeff: float, gated: bool, kernel_size: in
     kernel = _kernel_for(x)
     with torch.autocast(x.device.type, enabled=False):
         if kernel == "triton":
-            out, out_exact, lse = _triton()[0].forward(x, t, coeff, gated, not static, k, s, p, out_dtype, compute,
-                                                       nhwc)
-            if out_exact is None:
-                out_exact = x.new_empty((0,), dtype=compute)
-            return out, out_exact, lse, x.new_empty((0,), dtype=torch.bool)
+            out, out_exact, log_den, wmax = _triton()[0].forward(x, t, coeff, gated, not static, k, s, p, out_dtype,
+                                                                 compute, nhwc)
+            empty = x.new_empty((0,), dtype=compute)
+            return out, empty if out_exact is None else out_exact, log_den, empty.clone() if wmax is None else wmax
         xc, tc = x.to(compute), t.to(compute)
         if kernel == "cpp":
             fmt = _format(x)
-            out, den, flags = _extension()[0].forward(xc.contiguous(memory_format=fmt),
-                                                      tc.contiguous(memory_format=fmt), coeff, gated, k, s, p, nhwc)
+            out, den, aux = _extension()[0].forward(xc.contiguous(memory_format=fmt),
+                                                    tc.contiguous(memory_format=fmt), coeff, gated, k, s, p, nhwc)
         else:
             logit = coeff * torch.sigmoid(tc) if gated else tc
-            out, den, flags = _torch_forward(xc, logit, k, s, p, check=not static)
+            out, den, aux = _torch_forward(xc, logit, k, s, p, check=not static)
     out_exact = x.new_empty((0,), dtype=compute) if out_dtype == compute else _like(out, x, compute)
-    return _like(out, x, out_dtype), out_exact, _like(den, x, compute), flags
+    return _like(out, x, out_dtype), out_exact, _like(den, x, compute), aux
 
 
 @_forward_op.register_fake
@@ -276,33 +275,37 @@ def _forward_fake(x, t, coeff, gated, kernel_size, stride, padding):
     out_exact = torch.empty(exact, dtype=compute, device=x.device, memory_format=fmt if len(exact) == 4 else
                             torch.contiguous_format)
     state = torch.empty(shape, dtype=compute, device=x.device, memory_format=fmt)
-    flags = x.new_empty((0,) if _kernel_for(x) == "triton" else shape[:2], dtype=torch.bool)
-    return out, out_exact, state, flags
+    if _kernel_for(x) == "triton":
+        static = gated and _gate_in_range(coeff, compute)
+        aux = x.new_empty((0,), dtype=compute) if static else torch.empty_like(state)
+    else:
+        aux = x.new_empty(shape[:2], dtype=torch.bool)
+    return out, out_exact, state, aux
 
 
 @torch.library.custom_op("lip::backward", mutates_args=())
-def _backward_op(grad: Tensor, x: Tensor, t: Tensor, out: Tensor, out_exact: Tensor, state: Tensor, flags: Tensor,
+def _backward_op(grad: Tensor, x: Tensor, t: Tensor, out: Tensor, out_exact: Tensor, state: Tensor, aux: Tensor,
                  coeff: float, gated: bool, kernel_size: int, stride: int, padding: int) -> tuple[Tensor, Tensor]:
     k, s, p = kernel_size, stride, padding
     compute = state.dtype
     out = out_exact if out_exact.numel() else out
     with torch.autocast(x.device.type, enabled=False):
-        if flags.dim() == 1:
+        if aux.dtype != torch.bool:
             module, reason = _triton()
             if module is None:
                 raise RuntimeError(f"lip: backward of a Triton forward needs triton: {reason}")
-            return module.backward(grad, x, t, out, state, coeff, gated, k, s, p, _format(x), _format(t),
-                                   _is_channels_last(x))
+            return module.backward(grad, x, t, out, state, aux if aux.numel() else None, coeff, gated, k, s, p,
+                                   _format(x), _format(t), _is_channels_last(x))
         xc, tc, g, out = x.to(compute), t.to(compute), grad.to(compute), out.to(compute)
         if _kernel_for(x) == "cpp":
             fmt = _format(x)
             xc, tc, g, out, state = (v.contiguous(memory_format=fmt) for v in (xc, tc, g, out, state))
-            dx, dt = _extension()[0].backward(xc, tc, g, out, state, flags, coeff, gated, k, s, p,
+            dx, dt = _extension()[0].backward(xc, tc, g, out, state, aux, coeff, gated, k, s, p,
                                               fmt == torch.channels_last)
         else:
             logit, slope = _gate(tc, coeff) if gated else (tc, None)
             static = gated and _gate_in_range(coeff, compute)
-            robust = None if static or not bool(flags.any()) else flags
+            robust = None if static or not bool(aux.any()) else aux
             dx, dt = _torch_backward(xc, logit, g, out, state, robust, k, s, p)
             if slope is not None:
                 dt = dt * slope
@@ -310,22 +313,22 @@ def _backward_op(grad: Tensor, x: Tensor, t: Tensor, out: Tensor, out_exact: Ten
 
 
 @_backward_op.register_fake
-def _backward_fake(grad, x, t, out, out_exact, state, flags, coeff, gated, kernel_size, stride, padding):
+def _backward_fake(grad, x, t, out, out_exact, state, aux, coeff, gated, kernel_size, stride, padding):
     return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_format(x)),
             torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=_format(t)))
 
 
 def _setup_context(ctx, inputs, output) -> None:
     x, t, coeff, gated, k, s, p = inputs
-    out, out_exact, state, flags = output
-    ctx.mark_non_differentiable(out_exact, state, flags)
-    ctx.save_for_backward(x, t, out, out_exact, state, flags)
+    out, out_exact, state, aux = output
+    ctx.mark_non_differentiable(out_exact, state, aux)
+    ctx.save_for_backward(x, t, out, out_exact, state, aux)
     ctx.params = (coeff, gated, k, s, p)
 
 
 def _grad(ctx, grad, *_unused):
-    x, t, out, out_exact, state, flags = ctx.saved_tensors
-    dx, dt = torch.ops.lip.backward(grad, x, t, out, out_exact, state, flags, *ctx.params)
+    x, t, out, out_exact, state, aux = ctx.saved_tensors
+    dx, dt = torch.ops.lip.backward(grad, x, t, out, out_exact, state, aux, *ctx.params)
     return dx, dt, None, None, None, None, None
 
 
