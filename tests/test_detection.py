@@ -177,3 +177,23 @@ def test_resnet101_pair_builds() -> None:
     assert isinstance(faster, FasterRCNN) and isinstance(retina, RetinaNet)
     assert len(faster.backbone.body.layer3) == 23 and len(retina.backbone.body.layer3) == 23
     assert faster.backbone.fpn.inner_blocks[-1][0].in_channels == 2048
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", list(DETECTORS))
+def test_train_step_and_eval_on_cuda(kind: str) -> None:
+    torch.manual_seed(0)
+    model = DETECTORS[kind](num_classes=7, **SMALL).cuda()
+    images, targets = synthetic_batch()
+    images = [i.cuda() for i in images]
+    targets = [{k: v.cuda() for k, v in t.items()} for t in targets]
+    model.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        losses = model(images, targets)
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert all(p.grad is not None for p in lip_logit_params(model.backbone.body).values())
+    model.eval()
+    with torch.no_grad():
+        detections = model(images)
+    assert len(detections) == 2 and all(set(d) == {"boxes", "labels", "scores"} for d in detections)

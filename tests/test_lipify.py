@@ -143,3 +143,22 @@ def test_train_py_trains_a_lipified_model_on_the_demo_data(tmp_path: Path) -> No
     assert trained.returncode == 0, trained.stdout[-2000:] + trained.stderr[-2000:]
     assert "lip_resnet18" in trained.stdout and "finished 1 epochs" in trained.stdout
     assert (out / "checkpoints" / "last.pth").is_file()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["resnet18", "vgg11_bn"])
+def test_lipified_model_on_cuda_matches_the_cpu(name: str) -> None:
+    torch.manual_seed(0)
+    model = lipify(timm.create_model(name, num_classes=10, **SMALL.get(name, {})), logit="bottleneck")
+    for lip in (m for m in model.modules() if isinstance(m, LIP2d)):
+        nn.init.normal_(lip.logit[-2].weight, 0, 0.1)  # non-uniform importance, so the kernels matter
+    x = torch.randn(4, 3, 64, 64)
+    want = model.eval()(x)
+    cuda = model.cuda()
+    got = cuda(x.cuda()).cpu()
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+    cuda.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = F.cross_entropy(cuda(x.cuda()), torch.arange(4).cuda())
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in cuda.parameters() if p.grad is not None)
