@@ -130,7 +130,7 @@ def lipify(model: nn.Module, logit: str = "depthwise", logit_width: int = LOGIT_
     """Convert `model`'s stride-2 poolings and convolutions to LIP, in place; returns the model.
 
     logit: the logit module of every inserted LIP, one of LOGIT_KINDS. The default "depthwise" is the
-        cheap one (11 parameters per channel, 9 multiply-adds per element of the pooled map); "bottleneck"
+        cheap one (11 parameters per channel, 9 multiply-adds per element of the map it pools); "bottleneck"
         is the paper's Bottleneck-128 (width `logit_width`), "simplified" its conv-IN stem module.
     convert_stem: also convert the stem convolution (left as it is by default, as in LIP-ResNet).
     exclude: module names or fnmatch patterns ("stages.3.*") left as they are, with everything below them.

@@ -109,6 +109,8 @@ def test_onnx_matches_pytorch_on_real_images_with_any_batch(tmp_path: Path) -> N
 
     proto = onnx.load(str(out))
     assert {node.domain for node in proto.graph.node} <= {"", "ai.onnx"}  # plain ONNX, no custom LIP op
+    assert {"ReduceMax", "Sub", "Exp"} <= {node.op_type for node in proto.graph.node}  # window-max shift
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch dimension
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["image_size"] == "64" and meta["resize_shorter"] == "73" and meta["num_classes"] == "3"
 
