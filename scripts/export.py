@@ -27,11 +27,11 @@ import sys
 from pathlib import Path
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.geometry import MEAN, STD  # noqa: E402
 from models import create_model, load_checkpoint  # noqa: E402
 from models.checkpoint import extract_state_dict, read_checkpoint  # noqa: E402
 from training.cli import ArgumentParser, run_main  # noqa: E402
@@ -70,7 +70,8 @@ def build(name: str, checkpoint: Path, num_classes: int | None) -> nn.Module:
 def preprocessing(cfg: dict) -> dict[str, str]:
     data = cfg["data"]
     return {"model": cfg["model"], "image_size": str(data["image_size"]), "resize_shorter": str(data["val_resize"]),
-            "mean": json.dumps(MEAN), "std": json.dumps(STD), "layout": "NCHW float32 RGB in [0, 1], normalised"}
+            "mean": json.dumps(IMAGENET_DEFAULT_MEAN), "std": json.dumps(IMAGENET_DEFAULT_STD),
+            "layout": "NCHW float32 RGB in [0, 1], normalised"}
 
 
 def export_safetensors(model: nn.Module, out: Path, metadata: dict[str, str]) -> None:

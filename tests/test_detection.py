@@ -71,6 +71,7 @@ def lip_logit_params(backbone: nn.Module) -> dict[str, nn.Parameter]:
             for p, param in m.logit_module().named_parameters()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(DETECTORS))
 def test_train_step_and_eval_from_scratch(kind: str) -> None:
     torch.manual_seed(0)
@@ -142,6 +143,7 @@ def test_backbone_holds_the_checkpoint_and_freezes_like_torchvision(
 
 
 
+@pytest.mark.slow
 def test_frozen_stages_get_no_gradient_and_keep_their_statistics(
         release: tuple[Path, dict[str, torch.Tensor]]) -> None:
     path, state = release

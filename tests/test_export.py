@@ -13,11 +13,11 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torchvision import transforms
 from train_utils import make_dataset, run
 
-from data.geometry import MEAN, STD
 from models import LIPPool, create_model
 from scripts.export import build
 from training.errors import UserError
@@ -62,6 +62,7 @@ def test_the_release_loads_through_timm(release: tuple[Path, nn.Module]) -> None
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_safetensors_loads_in_timm_to_the_same_logits(release: tuple[Path, nn.Module], tmp_path: Path) -> None:
     path, reference = release
     out = tmp_path / "lip_resnet50.safetensors"
@@ -75,6 +76,7 @@ def test_safetensors_loads_in_timm_to_the_same_logits(release: tuple[Path, nn.Mo
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_safetensors_of_a_lipified_model_with_its_own_classes(tmp_path: Path) -> None:
     reference = trained_looking("lip_resnet18", num_classes=6)
     ckpt = tmp_path / "last.pth"
@@ -92,10 +94,11 @@ def test_safetensors_of_a_lipified_model_with_its_own_classes(tmp_path: Path) ->
 def real_images(data: Path, size: int, resize: int) -> torch.Tensor:
     """The val JPEGs preprocessed as the ONNX metadata says: resize, center crop, ImageNet mean/std."""
     prep = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(size), transforms.ToTensor(),
-                               transforms.Normalize(MEAN, STD)])
+                               transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
     return torch.stack([prep(Image.open(f).convert("RGB")) for f in sorted(data.glob("val/*/*.JPEG"))])
 
 
+@pytest.mark.slow
 def test_onnx_matches_pytorch_on_real_images_with_any_batch(tmp_path: Path) -> None:
     name = "lip_resnet_tiny"  # every LIP layer kind of LIP-ResNet (lip_resnet18 also passes; it takes 2x longer)
     data = make_dataset(tmp_path / "data", classes=3, train=1, val=2, size=80)
@@ -124,6 +127,7 @@ def test_onnx_matches_pytorch_on_real_images_with_any_batch(tmp_path: Path) -> N
         assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     ckpt = tmp_path / "tiny.pth"
     torch.save({"model": create_model("lip_resnet_tiny", num_classes=6).state_dict()}, ckpt)

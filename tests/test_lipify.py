@@ -135,6 +135,7 @@ def test_registered_models_load_the_plain_weights() -> None:
     assert timm.create_model("lip_efficientnet_b0", logit="simplified").blocks[1][0].conv_dw.lip.logit.conv.groups == 1
 
 
+@pytest.mark.slow
 def test_train_py_trains_a_lipified_model_on_the_demo_data(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", classes=2, train=4, val=2, size=40)
     out = tmp_path / "run"
