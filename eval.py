@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -40,8 +41,12 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
                           seed=cfg["seed"], device=d.device, cache_dir=cfg["data"]["cache_dir"],
                           log=log.info if d.is_main else (lambda _msg: None))
     model = create_model(cfg["model"], num_classes=cfg["num_classes"] or len(loader.classes))
-    # weights_only: refuses pickles that would run code
-    load_checkpoint(model, checkpoint, entry="model_ema" if args.ema else None)
+    ckpt = load_checkpoint(model, checkpoint)  # weights_only: refuses pickles that would run code
+    if args.ema:  # the EMA copy has the model's keys and shapes, checked just above
+        if not isinstance(ckpt.get("model_ema"), Mapping):
+            raise UserError(f"{checkpoint}: has no 'model_ema' weights (written by training with "
+                            "train.ema_decay > 0)")
+        model.load_state_dict(ckpt["model_ema"])
     channels_last = cfg["train"]["channels_last"] and d.device.type == "cuda"
     model = model.to(d.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
 
