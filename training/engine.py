@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.utils import unwrap_model
 from torch import nn
 from tqdm import tqdm
 
@@ -134,7 +135,7 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, rec
         loss.backward()
         recipe.optimizer.step()
     if recipe.ema is not None:
-        recipe.ema.update(getattr(model, "module", model))
+        recipe.ema.update(unwrap_model(model))  # the plain module under DDP and torch.compile
     return loss
 
 
