@@ -87,9 +87,8 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
              f"{cfg['train']['batch_size']} ({batch_per_rank}/rank), lr {scaled_lr(cfg):.4g}, amp "
              f"{cfg['train']['amp']}, compile {'on' if cfg['train']['compile'] else 'off'}, {arithmetic}; "
              f"output in {out}")
-    if d.device.type == "cuda" and batch_per_rank < 32:
-        log.info(f"warning: {batch_per_rank} images per GPU; BatchNorm statistics get noisy below 32: raise "
-                 "train.batch_size with the number of GPUs (the lr scales with it)")
+    if (warning := distributed.small_batch_warning(d, batch_per_rank)) is not None:
+        log.info(warning)
     ctx = EpochContext(cfg, d, stop, log, metrics, ckpt.save, steps_per_epoch)
     fast_model = backends.compile_model(model, cfg["train"])  # after channels_last, before DDP
     ddp_model = distributed.wrap_ddp(fast_model, d)

@@ -41,8 +41,10 @@ def compile_model(model: nn.Module, train: dict[str, Any]) -> nn.Module:
     """`torch.compile(model)` when train.compile, else the model itself.
 
     The compiled module shares the model's parameters and buffers, so checkpoints, the EMA copy and the
-    importance maps keep using the plain module (no `_orig_mod.` prefixes in saved keys).
+    importance maps keep using the plain module (no `_orig_mod.` prefixes in saved keys). Shapes are static:
+    training batches all have one shape, and each other one (the last validation batch, a new image size)
+    compiles once with the fastest kernels for it, instead of switching the model to symbolic shapes.
     """
     if not train["compile"]:
         return model
-    return torch.compile(model, mode=train["compile_mode"])
+    return torch.compile(model, mode=train["compile_mode"], dynamic=False)

@@ -85,6 +85,19 @@ def local_rank_zero_first(d: Dist, fn: Callable[[], T], then: Callable[[], Abstr
         return fn()
 
 
+MIN_GPU_BATCH = 32
+
+
+def small_batch_warning(d: Dist, batch_per_rank: int) -> str | None:
+    """A warning when each GPU sees fewer than 32 images per step: BatchNorm's statistics, computed per GPU,
+    then get noisy and accuracy drops."""
+    if d.device.type != "cuda" or batch_per_rank >= MIN_GPU_BATCH:
+        return None
+    return (f"warning: {batch_per_rank} images per GPU; BatchNorm statistics get noisy below {MIN_GPU_BATCH}: "
+            f"raise train.batch_size with the number of GPUs ({MIN_GPU_BATCH * d.world_size} or more for "
+            f"{d.world_size}; the lr scales with it)")
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
