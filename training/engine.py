@@ -75,7 +75,7 @@ class StepAgreement:
     """
 
     def __init__(self, world_size: int, stop: StopRequest, device: torch.device) -> None:
-        self.world_size, self.stop, self.device = world_size, stop, device
+        self.world_size, self.stop = world_size, stop
         self.cuda = device.type == "cuda"
         self._host = [torch.empty(3, pin_memory=True) for _ in range(2)] if self.cuda else []
         self._turn = 0
