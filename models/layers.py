@@ -37,7 +37,8 @@ class LIPPool(nn.Module):
     `pool(x, features)` runs the logit module on `features` and pools `x` with importance
     exp(COEFF * sigmoid(logit)). While training, the last instance norm, the gate and the pooling are
     recomputed in backward (torch.utils.checkpoint), so neither the normalised logit nor the pooling's
-    intermediates are kept: only `x` and the pre-norm features, which exist anyway.
+    intermediates are kept: only `x` and the pre-norm features, which exist anyway. In eval mode there is
+    no checkpoint, so a strict torch.export sees plain ops.
     """
 
     logit_attr = "logit"
@@ -57,7 +58,7 @@ class LIPPool(nn.Module):
         *head, _norm = self.logit_module()
         for layer in head:
             features = layer(features)
-        if torch.is_grad_enabled() and (x.requires_grad or features.requires_grad):
+        if self.training and torch.is_grad_enabled() and (x.requires_grad or features.requires_grad):
             return checkpoint(self._norm_and_pool, x, features, use_reentrant=False, preserve_rng_state=False)
         return self._norm_and_pool(x, features)
 

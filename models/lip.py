@@ -2,140 +2,124 @@
 
     out = avg_pool(x * exp(logit)) / avg_pool(exp(logit))      (zero padding adds no weight)
 
-`lip2d` and `gated_lip2d` (logit = coeff * sigmoid(z), fused) are autograd Functions that keep only x, the
-logit (or z) and output-sized tensors for backward and recompute exp there, so a LIP layer costs no more
-activation memory than its inputs. On the CPU a fused C++ kernel (models/csrc/lip_cpu.cpp, built by
-`make setup` / `python scripts/build_ext.py`) does one pass per direction; elsewhere, or when it is not
-built, an exact pure-PyTorch path runs. `LIP_BACKEND=torch` forces that path on the CPU.
+`lip2d` and `gated_lip2d` (logit = coeff * sigmoid(z), fused) call the custom ops `torch.ops.lip.forward` and
+`torch.ops.lip.backward`, which have fake (meta) implementations and registered autograd: torch.compile
+traces a LIP network forward and backward without a graph break, torch.export keeps the op in its graph
+(`export_decompositions()` turns it into plain ATen ops, e.g. for ONNX), and a CUDA step can be captured in a
+CUDA graph. Backward keeps only x, the logit (or z) and output-sized tensors and recomputes exp, so a LIP
+layer costs no more activation memory than its inputs.
+
+Implementations (`lip_backend(device)`, chosen by LIP_BACKEND = auto | cpp | triton | torch):
+- cpp: a fused C++ kernel (models/csrc/lip_cpu.cpp, built by `make setup` / `python scripts/build_ext.py`),
+  one pass per direction; the default on the CPU.
+- triton: fused Triton kernels (models/lip_triton.py), one launch per direction, NCHW or channels_last read
+  in place; the default on CUDA. With TRITON_INTERPRET=1 set before import they run on CPU tensors.
+- torch: the exact pure-PyTorch path; any device, and the fallback when a kernel is unavailable.
 
 Dtypes: the math runs in float32 (float64 when an input is float64) whatever the inputs, so fp16/bf16 and
 autocast are safe: logits up to 12 give exp(12) > fp16 max only in the internal float32. The output has
 dtype `torch.promote_types(x.dtype, logit.dtype)`, what the plain formula gives in eager mode (bf16 x and
-fp32 logit under autocast give fp32), and x's memory format.
+fp32 logit under autocast give fp32), and x's memory format; the gradients have their input's dtype and
+memory format.
 
-Large logits: logits are used unshifted while every logit of an (n, c) plane lies in a safe range
-(float32: [-60, 40]); such planes round like the plain formula. A plane outside it is computed with each
-window's maximum logit subtracted before exp, so e.g. logit = 100 * x stays finite and tends to max
-pooling instead of overflowing. (The pure-PyTorch path checks for such planes with one host sync per forward.)
+Large logits: a window whose logits could overflow exp or underflow as a whole is computed with its maximum
+logit subtracted before exp, so e.g. logit = 100 * x stays finite and tends to max pooling. The kernels decide
+this on the device (triton: every window of lip2d; cpp: per (n, c) plane, outside [-60, 40] in float32), never
+on the host. The gated logit lies in [0, coeff] by construction, so for it the choice is static. Only the
+pure-PyTorch path checks the range of lip2d's logits with a host sync.
 
-Not supported: double backward (the backward is itself a fused kernel). Under torch.compile both functions
-run eagerly (a graph break), as the kernel is opaque and the range check is data-dependent.
+Not supported: double backward (the backward is itself a fused kernel).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
-import platform
-import sys
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
-__all__ = ["lip2d", "gated_lip2d", "lip_backend", "extension_spec", "ExtensionSpec"]
+from .lip_extension import load_ops
 
-_REPO = Path(__file__).resolve().parents[1]
-_SOURCES = (Path(__file__).resolve().parent / "csrc" / "lip_cpu.cpp",)
-_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")
-_LDFLAGS = ("-fopenmp",)
+__all__ = ["lip2d", "gated_lip2d", "lip_backend", "export_decompositions"]
+
+Tensor = torch.Tensor
+_BACKENDS = ("auto", "cpp", "triton", "torch")
 # Logit range (per plane) in which unshifted exp(logit) can neither overflow a window sum nor underflow a
 # whole window; the C++ kernel uses the same bounds.
 _SAFE_RANGE = {torch.float32: (-60.0, 40.0), torch.float64: (-500.0, 300.0)}
-
-
-@dataclass(frozen=True)
-class ExtensionSpec:
-    """Where the C++ kernel for this CPU, source, torch and Python is built and how."""
-
-    name: str
-    build_dir: Path
-    sources: tuple[Path, ...]
-    cflags: tuple[str, ...]
-    ldflags: tuple[str, ...]
-
-    @property
-    def library(self) -> Path:
-        return self.build_dir / f"{self.name}.so"
-
-    def stale_builds(self) -> list[Path]:
-        """Older builds for this CPU type (builds for other CPUs sharing the checkout are kept)."""
-        prefix = self.name.rsplit("_", 1)[0] + "_"
-        return [d for d in self.build_dir.parent.glob(prefix + "*") if d.is_dir() and d != self.build_dir]
-
-
-def _cpu_flags() -> str:
-    """The CPU feature flags: a build with -march=native is only valid on a CPU with the same ones."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def extension_spec() -> ExtensionSpec:
-    """Named lip_cpu_<cpu key>_<build key>: the CPU's flags, then sources, flags, torch and Python versions."""
-    cpu = hashlib.sha256(f"{platform.machine()}\0{_cpu_flags()}".encode()).hexdigest()[:8]
-    digest = hashlib.sha256()
-    for src in _SOURCES:
-        digest.update(src.read_bytes())
-    for part in (*_CFLAGS, *_LDFLAGS, torch.__version__, sys.version):
-        digest.update(part.encode() + b"\0")
-    name = f"lip_cpu_{cpu}_{digest.hexdigest()[:12]}"
-    return ExtensionSpec(name, _REPO / "build" / "lip_ext" / name, _SOURCES, _CFLAGS, _LDFLAGS)
+_MAX_TRITON_NUMEL = 2**31 - 1  # the kernels index with int32
 
 
 @functools.cache
 def _extension() -> tuple[Any, str]:
-    """The prebuilt kernel's op namespace (torch.ops.<name>) if built for this CPU and source; never compiles."""
+    """The prebuilt C++ kernel's op namespace if built for this CPU and source; never compiles."""
+    return load_ops()
+
+
+@functools.cache
+def _triton() -> tuple[Any, str]:
+    """models.lip_triton if triton imports; TRITON_INTERPRET is read by triton at this import."""
     try:
-        spec = extension_spec()
-    except OSError as exc:
-        return None, f"cannot read the C++ sources ({exc})"
-    if not spec.library.is_file():
-        return None, f"no build at {spec.library.relative_to(_REPO)}"
-    try:
-        torch.ops.load_library(str(spec.library))
-        ops = getattr(torch.ops, spec.name)
-        ops.forward, ops.backward  # noqa: B018 (resolve both now, so a broken build falls back here)
-    except (OSError, RuntimeError, AttributeError) as exc:
-        return None, f"cannot load {spec.library} ({exc})"
-    return ops, "loaded"
+        from . import lip_triton
+    except ImportError as exc:
+        return None, f"cannot import triton ({exc})"
+    return lip_triton, "loaded"
 
 
-_warned_fallback = False
+_warned: set[str] = set()
 
 
-def _cpp_module() -> Any:
-    """The C++ kernel ops to use on the CPU, or None for the pure-PyTorch path."""
-    global _warned_fallback
+def _fallback(kernel: str, reason: str, hint: str) -> str:
+    if kernel not in _warned:
+        _warned.add(kernel)
+        warnings.warn(f"models.lip: {kernel} LIP kernel unavailable ({reason}); using the slower pure-PyTorch "
+                      f"path. {hint}", stacklevel=4)
+    return "torch"
+
+
+def lip_backend(device: str | torch.device = "cpu") -> str:
+    """Which implementation runs on `device`: "cpp", "triton" or "torch" (LIP_BACKEND, default "auto").
+
+    auto: cpp on the CPU and triton on CUDA when available (else torch, with one warning); torch elsewhere.
+    A forced cpp or triton that cannot run on `device` is an error, not a silent fallback.
+    """
+    kind = torch.device(device).type
     choice = os.environ.get("LIP_BACKEND", "auto")
-    if choice not in ("auto", "cpp", "torch"):
-        raise ValueError(f"LIP_BACKEND must be 'auto', 'cpp' or 'torch', got {choice!r}")
-    if choice == "torch":
-        return None
-    module, reason = _extension()
-    if module is None:
+    if choice not in _BACKENDS:
+        raise ValueError(f"LIP_BACKEND must be one of {', '.join(_BACKENDS)}, got {choice!r}")
+    if choice == "torch" or (choice == "auto" and kind not in ("cpu", "cuda")):
+        return "torch"
+    if choice == "cpp" or (choice == "auto" and kind == "cpu"):
+        if kind != "cpu":
+            raise RuntimeError(f"LIP_BACKEND=cpp but the C++ LIP kernel runs on the CPU only, not on {kind}")
+        module, reason = _extension()
+        if module is not None:
+            return "cpp"
         if choice == "cpp":
             raise RuntimeError(f"LIP_BACKEND=cpp but the C++ LIP kernel is unavailable: {reason}; "
                                "build it with `python scripts/build_ext.py`")
-        if not _warned_fallback:
-            _warned_fallback = True
-            warnings.warn(f"models.lip: C++ LIP kernel unavailable ({reason}); using the slower pure-PyTorch "
-                          "path. Build it with `make setup` or `python scripts/build_ext.py`.", stacklevel=3)
-    return module
+        return _fallback("C++", reason, "Build it with `make setup` or `python scripts/build_ext.py`.")
+    if kind == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("LIP_BACKEND=triton on the CPU needs TRITON_INTERPRET=1, set before models.lip_triton "
+                           "is imported (Triton's interpreter)")
+    if kind not in ("cpu", "cuda"):
+        raise RuntimeError(f"LIP_BACKEND=triton but the Triton LIP kernels run on CUDA only, not on {kind}")
+    module, reason = _triton()
+    if module is not None:
+        return "triton"
+    if choice == "triton":
+        raise RuntimeError(f"LIP_BACKEND=triton but the Triton LIP kernels are unavailable: {reason}")
+    return _fallback("Triton", reason, "Install triton for the fused CUDA kernels.")
 
 
-def lip_backend() -> str:
-    """Which implementation runs on the CPU: "cpp" (fused kernel) or "torch" (pure PyTorch)."""
-    return "cpp" if _cpp_module() is not None else "torch"
+def _kernel_for(x: Tensor) -> str:
+    backend = lip_backend(x.device)
+    if backend == "triton" and x.numel() > _MAX_TRITON_NUMEL:
+        return "torch"
+    return backend
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -172,14 +156,15 @@ def _unfold_planes(x: torch.Tensor, s: torch.Tensor, k: int, st: int, p: int):
     return xu, torch.exp(su - m)
 
 
-def _torch_forward(x: torch.Tensor, s: torch.Tensor, k: int, st: int, p: int):
-    """(out, D, robust planes, whether any plane is robust); D is relative to the window max there."""
+def _torch_forward(x: torch.Tensor, s: torch.Tensor, k: int, st: int, p: int, check: bool):
+    """(out, D, robust planes); D is relative to the window max there. Without check no plane is robust."""
     w = torch.exp(s)
     den = _window_sums(w, k, st, p)
     out = _window_sums(x * w, k, st, p) / den
+    if not check:
+        return out, den, torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
     robust = _outside_planes(s)
-    any_robust = bool(robust.any())
-    if any_robust:
+    if bool(robust.any()):  # a host sync: the pure-PyTorch path only
         planes = robust.flatten().nonzero().squeeze(1)
         xs, ss = (v.flatten(0, 1).index_select(0, planes) for v in (x, s))
         xu, wu = _unfold_planes(xs, ss, k, st, p)
@@ -188,7 +173,7 @@ def _torch_forward(x: torch.Tensor, s: torch.Tensor, k: int, st: int, p: int):
         shape = (-1, *out.shape[2:])
         out = out.flatten(0, 1).index_copy(0, planes, out_r.view(shape)).view_as(out)
         den = den.flatten(0, 1).index_copy(0, planes, den_r.view(shape)).view_as(den)
-    return out, den, robust, any_robust
+    return out, den, robust
 
 
 def _torch_backward(x: torch.Tensor, s: torch.Tensor, g: torch.Tensor, out: torch.Tensor, den: torch.Tensor,
@@ -213,62 +198,144 @@ def _torch_backward(x: torch.Tensor, s: torch.Tensor, g: torch.Tensor, out: torc
     return dx, ds
 
 
-# ----------------------------------------------------------------------------------------------------------
 
-
-def _is_channels_last(t: torch.Tensor) -> bool:
+def _is_channels_last(t: Tensor) -> bool:
     return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
-def _like(v: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def _format(t: Tensor) -> torch.memory_format:
+    return torch.channels_last if _is_channels_last(t) else torch.contiguous_format
+
+
+def _like(v: Tensor, ref: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """v in ref's memory format (NCHW or channels_last) and dtype (unless given); no copy if it is already."""
-    fmt = torch.channels_last if _is_channels_last(ref) else torch.contiguous_format
-    return v.to(dtype=dtype or ref.dtype).contiguous(memory_format=fmt)
+    return v.to(dtype=dtype or ref.dtype).contiguous(memory_format=_format(ref))
 
 
-class _LIPFunction(torch.autograd.Function):
-    """LIP forward/backward; saves x, the logit (or z), out, the window sums D and a per-plane flag."""
+def _dtypes(x: Tensor, t: Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(compute dtype, output dtype)."""
+    compute = torch.float64 if torch.float64 in (x.dtype, t.dtype) else torch.float32
+    return compute, torch.promote_types(x.dtype, t.dtype)
 
-    @staticmethod
-    def forward(ctx, x, t, coeff, gated, k, st, p):
-        compute = torch.float64 if torch.float64 in (x.dtype, t.dtype) else torch.float32
-        out_dtype = torch.promote_types(x.dtype, t.dtype)
-        cpp = _cpp_module() if x.device.type == "cpu" else None
-        nhwc = _is_channels_last(x)
-        with torch.autocast(x.device.type, enabled=False):
-            xc, tc = x.to(compute), t.to(compute)
-            if cpp is not None:
-                fmt = torch.channels_last if nhwc else torch.contiguous_format
-                out, den, robust = cpp.forward(xc.contiguous(memory_format=fmt), tc.contiguous(memory_format=fmt),
-                                               coeff, gated, k, st, p, nhwc)
-                any_robust = True  # unused: the kernel reads the flags itself
-            else:
-                s = coeff * torch.sigmoid(tc) if gated else tc
-                out, den, robust, any_robust = _torch_forward(xc, s, k, st, p)
-        ctx.params = (coeff, gated, k, st, p, nhwc, any_robust)
-        ctx.use_cpp = cpp is not None
-        ctx.save_for_backward(x, t, out, den, robust)
-        return _like(out, x, out_dtype)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        x, t, out, den, robust = ctx.saved_tensors
-        coeff, gated, k, st, p, nhwc, any_robust = ctx.params
-        with torch.autocast(x.device.type, enabled=False):
-            xc, tc, g = x.to(out.dtype), t.to(out.dtype), grad.to(out.dtype)
-            if ctx.use_cpp:
-                fmt = torch.channels_last if nhwc else torch.contiguous_format
-                xc, tc, g = (v.contiguous(memory_format=fmt) for v in (xc, tc, g))
-                dx, dt = _extension()[0].backward(xc, tc, g, out, den, robust, coeff, gated, k, st, p, nhwc)
-            else:
-                s, slope = _gate(tc, coeff) if gated else (tc, None)
-                dx, dt = _torch_backward(xc, s, g, out, den, robust if any_robust else None, k, st, p)
-                if slope is not None:
-                    dt = dt * slope
-        grad_x = _like(dx, x) if ctx.needs_input_grad[0] else None
-        grad_t = _like(dt, t) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_t, None, None, None, None, None
+def _gate_in_range(coeff: float, compute: torch.dtype) -> bool:
+    """Whether coeff * sigmoid(z), which lies between 0 and coeff, is always within the safe range."""
+    lo, hi = _SAFE_RANGE[compute]
+    return lo <= min(coeff, 0.0) and max(coeff, 0.0) <= hi
+
+
+def _out_shape(x: Tensor, k: int, s: int, p: int) -> tuple[int, int, int, int]:
+    n, c, h, w = x.shape
+    return n, c, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The custom ops. forward returns (out, out_exact, state, aux), all but aux in x's memory format:
+#   out        the result, in the output dtype;
+#   out_exact  out in the compute dtype when the output dtype is narrower (backward needs x - out without
+#              the output's rounding), else an empty tensor (backward reads out);
+#   state      output-sized, compute dtype: the window's sum D of exp(logit - shift) (triton: log D);
+#   aux        cpp/torch: (N, C) bool, the planes shifted by their window maxima (else unshifted);
+#              triton: the window maxima (compute dtype), or an empty tensor where the shift is statically 0.
+#              Its dtype is how backward tells the two kinds of state apart.
+
+
+@torch.library.custom_op("lip::forward", mutates_args=())
+def _forward_op(x: Tensor, t: Tensor, coeff: float, gated: bool, kernel_size: int, stride: int,
+                padding: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    k, s, p = kernel_size, stride, padding
+    compute, out_dtype = _dtypes(x, t)
+    nhwc = _is_channels_last(x)
+    static = gated and _gate_in_range(coeff, compute)  # no window can need the shift
+    kernel = _kernel_for(x)
+    with torch.autocast(x.device.type, enabled=False):
+        if kernel == "triton":
+            out, out_exact, log_den, wmax = _triton()[0].forward(x, t, coeff, gated, not static, k, s, p, out_dtype,
+                                                                 compute, nhwc)
+            empty = x.new_empty((0,), dtype=compute)
+            return out, empty if out_exact is None else out_exact, log_den, empty.clone() if wmax is None else wmax
+        xc, tc = x.to(compute), t.to(compute)
+        if kernel == "cpp":
+            fmt = _format(x)
+            out, den, aux = _extension()[0].forward(xc.contiguous(memory_format=fmt),
+                                                    tc.contiguous(memory_format=fmt), coeff, gated, k, s, p, nhwc)
+        else:
+            logit = coeff * torch.sigmoid(tc) if gated else tc
+            out, den, aux = _torch_forward(xc, logit, k, s, p, check=not static)
+    out_exact = x.new_empty((0,), dtype=compute) if out_dtype == compute else _like(out, x, compute)
+    return _like(out, x, out_dtype), out_exact, _like(den, x, compute), aux
+
+
+@_forward_op.register_fake
+def _forward_fake(x, t, coeff, gated, kernel_size, stride, padding):
+    compute, out_dtype = _dtypes(x, t)
+    shape, fmt = _out_shape(x, kernel_size, stride, padding), _format(x)
+    out = torch.empty(shape, dtype=out_dtype, device=x.device, memory_format=fmt)
+    exact = (0,) if out_dtype == compute else shape
+    out_exact = torch.empty(exact, dtype=compute, device=x.device, memory_format=fmt if len(exact) == 4 else
+                            torch.contiguous_format)
+    state = torch.empty(shape, dtype=compute, device=x.device, memory_format=fmt)
+    if _kernel_for(x) == "triton":
+        static = gated and _gate_in_range(coeff, compute)
+        aux = x.new_empty((0,), dtype=compute) if static else torch.empty_like(state)
+    else:
+        aux = x.new_empty(shape[:2], dtype=torch.bool)
+    return out, out_exact, state, aux
+
+
+@torch.library.custom_op("lip::backward", mutates_args=())
+def _backward_op(grad: Tensor, x: Tensor, t: Tensor, out: Tensor, out_exact: Tensor, state: Tensor, aux: Tensor,
+                 coeff: float, gated: bool, kernel_size: int, stride: int, padding: int) -> tuple[Tensor, Tensor]:
+    k, s, p = kernel_size, stride, padding
+    compute = state.dtype
+    out = out_exact if out_exact.numel() else out
+    with torch.autocast(x.device.type, enabled=False):
+        if aux.dtype != torch.bool:
+            module, reason = _triton()
+            if module is None:
+                raise RuntimeError(f"lip: backward of a Triton forward needs triton: {reason}")
+            return module.backward(grad, x, t, out, state, aux if aux.numel() else None, coeff, gated, k, s, p,
+                                   _format(x), _format(t), _is_channels_last(x))
+        xc, tc, g, out = x.to(compute), t.to(compute), grad.to(compute), out.to(compute)
+        if _kernel_for(x) == "cpp":
+            fmt = _format(x)
+            xc, tc, g, out, state = (v.contiguous(memory_format=fmt) for v in (xc, tc, g, out, state))
+            dx, dt = _extension()[0].backward(xc, tc, g, out, state, aux, coeff, gated, k, s, p,
+                                              fmt == torch.channels_last)
+        else:
+            logit, slope = _gate(tc, coeff) if gated else (tc, None)
+            static = gated and _gate_in_range(coeff, compute)
+            robust = None if static or not bool(aux.any()) else aux
+            dx, dt = _torch_backward(xc, logit, g, out, state, robust, k, s, p)
+            if slope is not None:
+                dt = dt * slope
+    return _like(dx, x), _like(dt, t)
+
+
+@_backward_op.register_fake
+def _backward_fake(grad, x, t, out, out_exact, state, aux, coeff, gated, kernel_size, stride, padding):
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_format(x)),
+            torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=_format(t)))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, t, coeff, gated, k, s, p = inputs
+    out, out_exact, state, aux = output
+    ctx.mark_non_differentiable(out_exact, state, aux)
+    ctx.save_for_backward(x, t, out, out_exact, state, aux)
+    ctx.params = (coeff, gated, k, s, p)
+
+
+def _grad(ctx, grad, *_unused):
+    x, t, out, out_exact, state, aux = ctx.saved_tensors
+    dx, dt = torch.ops.lip.backward(grad, x, t, out, out_exact, state, aux, *ctx.params)
+    return dx, dt, None, None, None, None, None
+
+
+_forward_op.register_autograd(_grad, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
 
 
 def _check(name: str, x: torch.Tensor, t: torch.Tensor, k: int, st: int, p: int) -> None:
@@ -287,17 +354,54 @@ def _check(name: str, x: torch.Tensor, t: torch.Tensor, k: int, st: int, p: int)
                          f"with padding {p}")
 
 
-@torch.compiler.disable  # opaque kernel and a data-dependent branch: torch.compile runs it eagerly
-def lip2d(x: torch.Tensor, logit: torch.Tensor, kernel_size: int = 3, stride: int = 2,
-          padding: int = 1) -> torch.Tensor:
+
+def lip2d(x: Tensor, logit: Tensor, kernel_size: int = 3, stride: int = 2, padding: int = 1) -> Tensor:
     """LIP pooling of x weighted by exp(logit); output size as F.avg_pool2d (ceil_mode=False)."""
     _check("lip2d", x, logit, kernel_size, stride, padding)
-    return _LIPFunction.apply(x, logit, 0.0, False, kernel_size, stride, padding)
+    return torch.ops.lip.forward(x, logit, 0.0, False, kernel_size, stride, padding)[0]
 
 
-@torch.compiler.disable
-def gated_lip2d(x: torch.Tensor, z: torch.Tensor, coeff: float = 12.0, kernel_size: int = 3, stride: int = 2,
-                padding: int = 1) -> torch.Tensor:
+def gated_lip2d(x: Tensor, z: Tensor, coeff: float = 12.0, kernel_size: int = 3, stride: int = 2,
+                padding: int = 1) -> Tensor:
     """lip2d(x, coeff * sigmoid(z)) with the gate fused: backward keeps z, not the gated logit."""
     _check("gated_lip2d", x, z, kernel_size, stride, padding)
-    return _LIPFunction.apply(x, z, float(coeff), True, kernel_size, stride, padding)
+    return torch.ops.lip.forward(x, z, float(coeff), True, kernel_size, stride, padding)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Export: the same formula in plain ATen ops.
+
+
+def _taps(v: Tensor, k: int, s: int, p: int, fill: float, ho: int, wo: int) -> Tensor:
+    """(k*k, N, C, Ho, Wo): every tap of every window, as strided slices of the padded input."""
+    v = F.pad(v, (p, p, p, p), value=fill)
+    return torch.stack([v[:, :, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s]
+                        for i in range(k) for j in range(k)])
+
+
+def _exact_forward(x: Tensor, t: Tensor, coeff: float, gated: bool, kernel_size: int, stride: int,
+                   padding: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """lip::forward from slices, amax, exp, sum and div (each window shifted by its maximum: fp16-safe)."""
+    k, s, p = kernel_size, stride, padding
+    compute, out_dtype = _dtypes(x, t)
+    n, c, ho, wo = _out_shape(x, k, s, p)
+    logit = t.to(compute)
+    if gated:
+        logit = coeff * torch.sigmoid(logit)
+    xs = _taps(x.to(compute), k, s, p, 0.0, ho, wo)
+    ls = _taps(logit, k, s, p, float("-inf"), ho, wo)
+    e = torch.exp(ls - ls.amax(0))
+    den = e.sum(0)
+    out = (xs * e).sum(0) / den
+    flags = torch.ones((n, c), dtype=torch.bool, device=x.device)  # every plane relative to the window max
+    return out.to(out_dtype), out.new_empty((0,)), den, flags
+
+
+def export_decompositions() -> dict:
+    """Decompositions of the LIP ops that an eval-mode torch.export graph holds, for `ep.run_decompositions`.
+
+        ep = torch.export.export(model.eval(), (x,)).run_decompositions(export_decompositions())
+
+    leaves no lip:: op: only slicing, padding, amax, exp, sum and div, which ONNX export handles.
+    """
+    return {torch.ops.lip.forward.default: _exact_forward}

@@ -1,12 +1,19 @@
 """Time forward+backward of the LIP operator against F.avg_pool2d, side by side in one run.
 
-    python scripts/bench_lip.py [--shape 8 64 112 112] [--threads 1] [--repeats 9]
+    python scripts/bench_lip.py [--shape 8 64 112 112] [--threads 1] [--repeats 9] [--channels-last]
+    python scripts/bench_lip.py --device cuda [--shape 32 256 56 56] [--repeats 15]
 
-Cases run interleaved, repeat by repeat, so machine load hits all of them alike; the table shows the median
-per case and its ratio to avg_pool2d, by wall clock and by process CPU time (steadier on a shared machine:
-time spent waiting for a core is not counted), and the last line is JSON (wall-clock figures, CPU-time
-ratios under "cpu"). The lip2d rows use the active CPU backend (`lip_backend()`; LIP_BACKEND=torch forces
-the pure-PyTorch path).
+Cases run interleaved, repeat by repeat, so machine load hits all of them alike; the tables show the median
+per case and its ratio to avg_pool2d, and the last line is JSON.
+
+CPU: wall clock and process CPU time (steadier on a shared machine: time spent waiting for a core is not
+counted), one layout per run (`--channels-last`); the lip2d rows use `lip_backend("cpu")` (LIP_BACKEND=torch
+forces the pure-PyTorch path).
+
+CUDA: bf16 channels_last and fp32 NCHW, each with avg_pool2d, our lip2d and gated_lip2d (the form the LIP
+layers use), the authors' formula avg_pool(x * exp(s)) / avg_pool(exp(s)) and torch.compile of that formula
+(Inductor fuses it). Time by CUDA events over --iters calls; peak memory = the most allocated during one
+forward+backward beyond the inputs; "saved" = what autograd keeps for backward beyond x and the logit.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.lip import gated_lip2d, lip2d, lip_backend  # noqa: E402
 
 K, S, P = 3, 2, 1
+MB = 2**20
 
 
 def naive_lip(x: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
@@ -35,13 +43,24 @@ def naive_lip(x: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(x * w, K, S, P) / F.avg_pool2d(w, K, S, P)
 
 
-def make_cases(shape: tuple[int, ...], channels_last: bool) -> dict[str, Callable[[], None]]:
+def naive_gated(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The authors' formula with the soft gate of their LIP layers."""
+    return naive_lip(x, 12.0 * torch.sigmoid(z))
+
+
+def make_cases(shape: tuple[int, ...], channels_last: bool, dtype: torch.dtype = torch.float32,
+               device: str = "cpu", compiled: bool = False) -> tuple[dict[str, Callable[[], None]], tuple]:
+    """The cases, each one forward+backward, and the tensors they read (x, z, logit, grad)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=gen).contiguous(memory_format=fmt).requires_grad_()
-    z = torch.randn(shape, generator=gen).contiguous(memory_format=fmt).requires_grad_()
+
+    def tensor(*size: int) -> torch.Tensor:
+        return torch.randn(size, generator=gen).to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+
+    x = tensor(*shape).requires_grad_()
+    z = tensor(*shape).requires_grad_()
     logit = (12 * torch.sigmoid(z.detach())).requires_grad_()  # the range LIP layers produce: [0, 12]
-    grad = torch.randn(F.avg_pool2d(x.detach(), K, S, P).shape, generator=gen).contiguous(memory_format=fmt)
+    grad = tensor(*F.avg_pool2d(x.detach(), K, S, P).shape)
 
     def avg_pool() -> None:
         torch.autograd.grad(F.avg_pool2d(x, K, S, P), (x,), grad)
@@ -49,26 +68,49 @@ def make_cases(shape: tuple[int, ...], channels_last: bool) -> dict[str, Callabl
     def ours() -> None:
         torch.autograd.grad(lip2d(x, logit, K, S, P), (x, logit), grad)
 
-    def naive() -> None:
-        torch.autograd.grad(naive_lip(x, logit), (x, logit), grad)
-
     def gated() -> None:
         torch.autograd.grad(gated_lip2d(x, z, 12.0, K, S, P), (x, z), grad)
 
-    return {"avg_pool2d": avg_pool, "lip2d": ours, "naive": naive, "gated_lip2d": gated}
+    def naive() -> None:
+        torch.autograd.grad(naive_lip(x, logit), (x, logit), grad)
+
+    cases = {"avg_pool2d": avg_pool, "lip2d": ours, "gated_lip2d": gated, "naive": naive}
+    if compiled:
+        fused = torch.compile(naive_lip)
+
+        def naive_compiled() -> None:
+            torch.autograd.grad(fused(x, logit), (x, logit), grad)
+
+        cases["naive_compiled"] = naive_compiled
+    return cases, (x, z, logit, grad)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", type=int, nargs=4, default=[8, 64, 112, 112], metavar=("N", "C", "H", "W"))
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--repeats", type=int, default=9, help="timed repeats per case (median reported)")
-    parser.add_argument("--channels-last", action="store_true", help="inputs in channels_last memory format")
-    args = parser.parse_args()
-    if args.threads < 1 or args.repeats < 1 or min(args.shape) < 1:
-        parser.error("--threads, --repeats and every --shape entry must be positive")
+def saved_bytes(name: str, tensors: tuple) -> int:
+    """Bytes autograd keeps for backward beyond the inputs x, z and the logit."""
+    x, z, logit, _grad = tensors
+    inputs = {v.untyped_storage().data_ptr() for v in (x, z, logit)}
+    storages: dict[int, int] = {}
+
+    def pack(v: torch.Tensor) -> torch.Tensor:
+        if v.untyped_storage().data_ptr() not in inputs:
+            storages[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+        return v
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
+        if name == "avg_pool2d":
+            F.avg_pool2d(x, K, S, P)
+        elif name == "lip2d":
+            lip2d(x, logit, K, S, P)
+        elif name == "gated_lip2d":
+            gated_lip2d(x, z, 12.0, K, S, P)
+        else:
+            naive_lip(x, logit)
+    return sum(storages.values())
+
+
+def bench_cpu(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    cases = make_cases(tuple(args.shape), args.channels_last)
+    cases, _ = make_cases(tuple(args.shape), args.channels_last)
     for fn in cases.values():  # warm-up: allocator, lazy init, extension load
         fn()
     wall: dict[str, list[float]] = {name: [] for name in cases}
@@ -83,20 +125,96 @@ def main() -> int:
     cpu_ms = {name: statistics.median(t) for name, t in cpu.items()}
     layout = "channels_last" if args.channels_last else "NCHW"
     print(f"LIP forward+backward, shape {tuple(args.shape)} fp32 {layout}, k{K} s{S} p{P}, {args.threads} "
-          f"thread(s), backend {lip_backend()}, median of {args.repeats}")
+          f"thread(s), backend {lip_backend('cpu')}, median of {args.repeats}")
     print(f"{'case':<12} {'wall ms':>9} {'ratio':>7} {'cpu ms':>9} {'ratio':>7}")
     for name in cases:
         print(f"{name:<12} {ms[name]:9.2f} {ms[name] / ms['avg_pool2d']:7.2f} "
               f"{cpu_ms[name]:9.2f} {cpu_ms[name] / cpu_ms['avg_pool2d']:7.2f}")
-    ratios = {name: round(ms[name] / ms["avg_pool2d"], 3) for name in cases if name != "avg_pool2d"}
-    cpu_ratios = {name: round(cpu_ms[name] / cpu_ms["avg_pool2d"], 3) for name in cases if name != "avg_pool2d"}
-    print(json.dumps({
-        "shape": args.shape, "channels_last": args.channels_last, "threads": args.threads,
-        "backend": lip_backend(), "repeats": args.repeats,
+    return {
+        "device": "cpu", "shape": args.shape, "channels_last": args.channels_last, "threads": args.threads,
+        "backend": lip_backend("cpu"), "repeats": args.repeats,
         **{f"{name}_ms": round(value, 3) for name, value in ms.items()},
-        **{f"ratio_{name}": value for name, value in ratios.items()},
-        "cpu": {f"ratio_{name}": value for name, value in cpu_ratios.items()},
-    }))
+        **{f"ratio_{name}": round(ms[name] / ms["avg_pool2d"], 3) for name in cases if name != "avg_pool2d"},
+        "cpu": {f"ratio_{name}": round(cpu_ms[name] / cpu_ms["avg_pool2d"], 3)
+                for name in cases if name != "avg_pool2d"},
+    }
+
+
+def bench_cuda_config(shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool, repeats: int,
+                      iters: int) -> dict:
+    cases, tensors = make_cases(shape, channels_last, dtype, "cuda", compiled=True)
+    for fn in cases.values():  # warm-up: kernel compilation (Triton, Inductor), allocator
+        for _ in range(3):
+            fn()
+    torch.cuda.synchronize()
+    peak = {}
+    for name, fn in cases.items():
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peak[name] = (torch.cuda.max_memory_allocated() - base) / MB
+    saved = {name: saved_bytes(name, tensors) / MB for name in cases if name != "naive_compiled"}
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            start.record()
+            for _ in range(iters):
+                fn()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) / iters)
+    ms = {name: statistics.median(t) for name, t in times.items()}
+    dname = str(dtype).removeprefix("torch.")
+    layout = "channels_last" if channels_last else "NCHW"
+    print(f"\nLIP forward+backward on {torch.cuda.get_device_name()}, shape {shape} {dname} {layout}, k{K} s{S} p{P}, "
+          f"backend {lip_backend('cuda')}, median of {repeats} x {iters} calls")
+    print(f"{'case':<15} {'ms':>8} {'/avg_pool':>10} {'naive/this':>11} {'peak MB':>9} {'saved MB':>9}")
+    for name in cases:
+        saved_mb = f"{saved[name]:9.1f}" if name in saved else f"{'-':>9}"
+        print(f"{name:<15} {ms[name]:8.3f} {ms[name] / ms['avg_pool2d']:10.2f} {ms['naive'] / ms[name]:11.2f} "
+              f"{peak[name]:9.1f} {saved_mb}")
+    return {
+        "dtype": dname, "channels_last": channels_last,
+        **{f"{name}_ms": round(value, 4) for name, value in ms.items()},
+        **{f"ratio_{name}": round(ms[name] / ms["avg_pool2d"], 3) for name in cases if name != "avg_pool2d"},
+        **{f"speedup_vs_naive_{name}": round(ms["naive"] / ms[name], 3) for name in ("lip2d", "gated_lip2d")},
+        "peak_mb": {name: round(v, 1) for name, v in peak.items()},
+        "saved_mb": {name: round(v, 1) for name, v in saved.items()},
+    }
+
+
+def bench_cuda(args: argparse.Namespace) -> dict:
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_lip.py: --device cuda but torch sees no CUDA device")
+    shape = tuple(args.shape)
+    results = [bench_cuda_config(shape, dtype, cl, args.repeats, args.iters)
+               for dtype, cl in ((torch.bfloat16, True), (torch.float32, False))]
+    return {"device": "cuda", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "shape": args.shape, "backend": lip_backend("cuda"), "repeats": args.repeats, "iters": args.iters,
+            "configs": results}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--shape", type=int, nargs=4, default=None, metavar=("N", "C", "H", "W"),
+                        help="default 8 64 112 112 on the CPU, 32 256 56 56 on CUDA")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU only, default 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case, median reported "
+                        "(default 9 on the CPU, 15 on CUDA)")
+    parser.add_argument("--iters", type=int, default=10, help="calls per timed repeat (CUDA only)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last inputs (CPU only; CUDA "
+                        "runs bf16 channels_last and fp32 NCHW)")
+    args = parser.parse_args()
+    cuda = args.device == "cuda"
+    args.shape = args.shape or ([32, 256, 56, 56] if cuda else [8, 64, 112, 112])
+    args.repeats = args.repeats or (15 if cuda else 9)
+    if args.threads < 1 or args.repeats < 1 or args.iters < 1 or min(args.shape) < 1:
+        parser.error("--threads, --repeats, --iters and every --shape entry must be positive")
+    print(json.dumps(bench_cuda(args) if cuda else bench_cpu(args)))
     return 0
 
 

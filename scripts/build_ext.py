@@ -9,7 +9,6 @@ build is a warning, not an error: models.lip then uses its pure-PyTorch path.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import shutil
@@ -19,22 +18,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-
-def _load_lip():
-    """models/lip.py on its own, without importing the model registry in models/__init__.py."""
-    spec = importlib.util.spec_from_file_location("_lip_build_spec", REPO / "models" / "lip.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from models.lip_extension import extension_spec  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
     args = parser.parse_args()
-    spec = _load_lip().extension_spec()
+    spec = extension_spec()
     where = spec.library.relative_to(REPO)
     for stale in spec.stale_builds():
         shutil.rmtree(stale, ignore_errors=True)

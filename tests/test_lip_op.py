@@ -17,6 +17,7 @@ from torch import nn
 
 import models.lip as lip
 from models.lip import gated_lip2d, lip2d, lip_backend
+from models.lip_extension import extension_spec
 
 REPO = Path(__file__).resolve().parents[1]
 GEOMETRIES = [(3, 2, 1), (2, 2, 0), (3, 1, 1)]
@@ -82,13 +83,13 @@ def test_build_script_is_a_quick_noop_when_up_to_date():
                           text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines() == [f"lip extension: up to date "
-                                                f"({lip.extension_spec().library.relative_to(REPO)})"]
+                                                f"({extension_spec().library.relative_to(REPO)})"]
 
 
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     monkeypatch.delenv("LIP_BACKEND", raising=False)
     monkeypatch.setattr(lip, "_extension", lambda: (None, "no build at build/lip_ext/x"))
-    monkeypatch.setattr(lip, "_warned_fallback", False)
+    monkeypatch.setattr(lip, "_warned", set())
     with pytest.warns(UserWarning, match="pure-PyTorch path.*build_ext.py"):
         assert lip_backend() == "torch"
     with warnings.catch_warnings():
@@ -101,6 +102,38 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setenv("LIP_BACKEND", "fast")
     with pytest.raises(ValueError, match="LIP_BACKEND"):
         lip_backend()
+
+
+def test_backend_choice_per_device(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("LIP_BACKEND", "torch")
+    assert lip_backend("cpu") == lip_backend("cuda") == lip_backend("meta") == "torch"
+    monkeypatch.setenv("LIP_BACKEND", "auto")
+    assert lip_backend("meta") == "torch"  # no kernel for other devices: the exact pure-PyTorch path
+    monkeypatch.setenv("LIP_BACKEND", "cpp")
+    with pytest.raises(RuntimeError, match="CPU only"):
+        lip_backend("cuda")
+    monkeypatch.setenv("LIP_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        lip_backend("cpu")
+
+
+@pytest.mark.parametrize("coeff", [12.0, -12.0])
+def test_gated_logit_range_is_not_checked(monkeypatch, coeff):
+    """coeff * sigmoid(z) lies between 0 and coeff: the pure-PyTorch path skips its range check (a host sync)."""
+    monkeypatch.setenv("LIP_BACKEND", "torch")
+
+    def no_check(_s):
+        raise AssertionError("range checked")
+
+    monkeypatch.setattr(lip, "_outside_planes", no_check)
+    x, z = randn(1, 2, 6, 6, seed=29), randn(1, 2, 6, 6, seed=30, scale=5.0)
+    y, dx, dz = value_and_grads(lambda a, b: gated_lip2d(a, b, coeff), x, z)
+    ref = value_and_grads(lambda a, b: naive(a, coeff * torch.sigmoid(b)), x, z)
+    for a, b in zip((y, dx, dz), ref, strict=True):
+        assert (a - b).abs().max().item() < 1e-9
+    with pytest.raises(AssertionError, match="range checked"):
+        lip2d(x, z)
 
 
 @pytest.mark.parametrize("gated", [False, True])

@@ -1,0 +1,193 @@
+"""Triton kernels of the LIP operator: one launch per direction, any strides, fp32 (or fp64) accumulation.
+
+Forward: one program lane per output element computes its window's maximum logit m (unless the logit is
+statically within a safe range, as for the soft gate: then m = 0), then out = sum(x * e) / D with
+e = exp(s - m), D = sum(e), and stores out (in the output dtype, plus an accumulation-dtype copy when that is
+narrower), log D and m (only when shifting; m and log D apart, as their sum would round at the scale of m).
+Backward needs only these output-sized tensors besides x and the logit: every input position gathers, from
+the at most ceil(k/s)^2 windows that contain it, p = exp(s - m - log D) (its weight in that window), and
+forms dx = sum(g * p) and ds = sum(g * p * (x - out)) -- no atomics, nothing input-sized but the results.
+
+Every tensor is addressed through its own strides, so NCHW, channels_last and an incoming gradient in either
+layout are read in place; lanes walk the elements in the order of x's layout so loads coalesce. Importing
+this module needs triton; with TRITON_INTERPRET=1 set before the import the kernels run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["forward", "backward"]
+
+_BLOCK = 512
+_WARPS = 4
+
+
+@triton.jit
+def _gate(v, coeff):
+    """coeff * sigmoid(v) and its slope, from exp(-|v|): no overflow for any v."""
+    e = tl.exp(-tl.abs(v))
+    inv = 1.0 / (1.0 + e)
+    sig = tl.where(v >= 0, inv, e * inv)
+    return coeff * sig, coeff * e * inv * inv
+
+
+@triton.jit
+def _decode(offs, C, A, B, CL: tl.constexpr):
+    """(n, c, i, j) of flat indices in NCHW order, or NHWC order when CL; A x B is the spatial size."""
+    if CL:
+        c = offs % C
+        r = offs // C
+        j = r % B
+        r = r // B
+        i = r % A
+        n = r // A
+    else:
+        j = offs % B
+        r = offs // B
+        i = r % A
+        r = r // A
+        c = r % C
+        n = r // C
+    return n, c, i, j
+
+
+@triton.jit
+def _forward_kernel(x_ptr, t_ptr, out_ptr, acc_ptr, ld_ptr, m_ptr, total, C, H, W, Ho, Wo,
+                    sxn, sxc, sxh, sxw, stn, stc, sth, stw, son, soc, soh, sow, coeff,
+                    K: tl.constexpr, S: tl.constexpr, P: tl.constexpr, GATED: tl.constexpr,
+                    SHIFT: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr, KEEP: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    n, c, oh, ow = _decode(offs, C, Ho, Wo, CL)
+    xb = n * sxn + c * sxc
+    tb = n * stn + c * stc
+    h0 = oh * S - P
+    w0 = ow * S - P
+    m = tl.zeros([BLOCK], dtype=ACC)
+    if SHIFT:
+        m = tl.full([BLOCK], float("-inf"), dtype=ACC)
+        for kh in tl.static_range(K):
+            for kw in tl.static_range(K):
+                h = h0 + kh
+                w = w0 + kw
+                ok = mask & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+                s = tl.load(t_ptr + tb + h * sth + w * stw, mask=ok, other=0.0).to(ACC)
+                if GATED:
+                    s, _slope = _gate(s, coeff)
+                m = tl.maximum(m, tl.where(ok, s, float("-inf")))
+        m = tl.where(m == float("-inf"), 0.0, m)  # lanes past the end only
+    den = tl.zeros([BLOCK], dtype=ACC)
+    num = tl.zeros([BLOCK], dtype=ACC)
+    for kh in tl.static_range(K):
+        for kw in tl.static_range(K):
+            h = h0 + kh
+            w = w0 + kw
+            ok = mask & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            s = tl.load(t_ptr + tb + h * sth + w * stw, mask=ok, other=0.0).to(ACC)
+            xv = tl.load(x_ptr + xb + h * sxh + w * sxw, mask=ok, other=0.0).to(ACC)
+            if GATED:
+                s, _slope = _gate(s, coeff)
+            e = tl.exp(tl.where(ok, s - m, float("-inf")))
+            den += e
+            num += xv * e
+    ob = n * son + c * soc + oh * soh + ow * sow
+    den = tl.where(mask, den, 1.0)  # lanes past the end
+    res = num / den
+    tl.store(out_ptr + ob, res.to(out_ptr.dtype.element_ty), mask=mask)
+    if KEEP:
+        tl.store(acc_ptr + ob, res, mask=mask)
+    tl.store(ld_ptr + ob, tl.log(den).to(ld_ptr.dtype.element_ty), mask=mask)
+    if SHIFT:
+        tl.store(m_ptr + ob, m.to(m_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _backward_kernel(x_ptr, t_ptr, g_ptr, out_ptr, ld_ptr, m_ptr, dx_ptr, dt_ptr, total, C, H, W, Ho, Wo,
+                     sxn, sxc, sxh, sxw, stn, stc, sth, stw, sgn, sgc, sgh, sgw, son, soc, soh, sow,
+                     sdxn, sdxc, sdxh, sdxw, sdtn, sdtc, sdth, sdtw, coeff,
+                     K: tl.constexpr, S: tl.constexpr, P: tl.constexpr, GATED: tl.constexpr,
+                     SHIFT: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    n, c, h, w = _decode(offs, C, H, W, CL)
+    xv = tl.load(x_ptr + n * sxn + c * sxc + h * sxh + w * sxw, mask=mask, other=0.0).to(ACC)
+    s = tl.load(t_ptr + n * stn + c * stc + h * sth + w * stw, mask=mask, other=0.0).to(ACC)
+    slope = tl.zeros([BLOCK], dtype=ACC)
+    if GATED:
+        s, slope = _gate(s, coeff)
+    gsum = tl.zeros([BLOCK], dtype=ACC)  # sum over windows of g * p
+    bsum = tl.zeros([BLOCK], dtype=ACC)  # sum over windows of g * p * out
+    oh_last = (h + P) // S
+    ow_last = (w + P) // S
+    for jh in tl.static_range((K + S - 1) // S):
+        oh = oh_last - jh
+        okh = (oh >= 0) & (oh < Ho) & (h + P - oh * S < K)
+        for jw in tl.static_range((K + S - 1) // S):
+            ow = ow_last - jw
+            ok = mask & okh & (ow >= 0) & (ow < Wo) & (w + P - ow * S < K)
+            o = n * son + c * soc + oh * soh + ow * sow
+            g = tl.load(g_ptr + n * sgn + c * sgc + oh * sgh + ow * sgw, mask=ok, other=0.0).to(ACC)
+            ov = tl.load(out_ptr + o, mask=ok, other=0.0).to(ACC)
+            d = s
+            if SHIFT:  # (s - m) - log D: m + log D would round at the scale of m
+                d = s - tl.load(m_ptr + o, mask=ok, other=0.0).to(ACC)
+            d = d - tl.load(ld_ptr + o, mask=ok, other=0.0).to(ACC)
+            gp = g * tl.exp(tl.where(ok, d, float("-inf")))
+            gsum += gp
+            bsum += gp * ov
+    ds = xv * gsum - bsum
+    if GATED:
+        ds = ds * slope
+    tl.store(dx_ptr + n * sdxn + c * sdxc + h * sdxh + w * sdxw, gsum.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dt_ptr + n * sdtn + c * sdtc + h * sdth + w * sdtw, ds.to(dt_ptr.dtype.element_ty), mask=mask)
+
+
+def _acc(dtype: torch.dtype) -> tl.dtype:
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def forward(x: torch.Tensor, t: torch.Tensor, coeff: float, gated: bool, shift: bool, k: int, s: int, p: int,
+            out_dtype: torch.dtype, acc_dtype: torch.dtype, channels_last: bool
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """(out, out in acc_dtype or None, log D, window maxima or None), all in x's memory format.
+
+    The full-precision copy of out is made only when out_dtype is narrower than acc_dtype, the window maxima
+    only with shift (else the shift is 0).
+    """
+    n, c, h, w = x.shape
+    ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty((n, c, ho, wo), dtype=out_dtype, device=x.device, memory_format=fmt)
+    log_den = torch.empty((n, c, ho, wo), dtype=acc_dtype, device=x.device, memory_format=fmt)
+    keep = out_dtype != acc_dtype
+    out_acc = torch.empty_like(log_den) if keep else None
+    wmax = torch.empty_like(log_den) if shift else None
+    total = out.numel()
+    if total:
+        _forward_kernel[(triton.cdiv(total, _BLOCK),)](
+            x, t, out, out_acc if keep else log_den, log_den, wmax if shift else log_den, total, c, h, w, ho, wo,
+            *x.stride(), *t.stride(), *out.stride(), float(coeff), K=k, S=s, P=p, GATED=gated, SHIFT=shift,
+            CL=channels_last, ACC=_acc(acc_dtype), KEEP=keep, BLOCK=_BLOCK, num_warps=_WARPS)
+    return out, out_acc, log_den, wmax
+
+
+def backward(grad: torch.Tensor, x: torch.Tensor, t: torch.Tensor, out: torch.Tensor, log_den: torch.Tensor,
+             wmax: torch.Tensor | None, coeff: float, gated: bool, k: int, s: int, p: int,
+             dx_format: torch.memory_format, dt_format: torch.memory_format,
+             channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dx in x's dtype, dL/dt in t's dtype) in the given memory formats; out in the accumulation dtype."""
+    n, c, h, w = x.shape
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=dx_format)
+    dt = torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=dt_format)
+    total = x.numel()
+    if total:
+        _backward_kernel[(triton.cdiv(total, _BLOCK),)](
+            x, t, grad, out, log_den, log_den if wmax is None else wmax, dx, dt, total, c, h, w, out.shape[2],
+            out.shape[3], *x.stride(), *t.stride(), *grad.stride(), *out.stride(), *dx.stride(), *dt.stride(),
+            float(coeff), K=k, S=s, P=p, GATED=gated, SHIFT=wmax is not None, CL=channels_last,
+            ACC=_acc(log_den.dtype), BLOCK=_BLOCK, num_warps=_WARPS)
+    return dx, dt

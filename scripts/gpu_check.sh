@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Device check on a GPU machine, from the repository root:
+#
+#     bash scripts/gpu_check.sh            # logs also go to $OUT/ when OUT is set
+#
+# Uses the machine's own python3 (torch + triton, no .venv, nothing installed) with PYTHONPATH=. and runs
+# each section below in order; a failing section is reported and the next one still runs. The exit status
+# is that of the first failing section. Each section writes its output to $OUT/<section>.log as well.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH=.
+PY=${PYTHON:-python3}
+LOGS=${OUT:-}
+[ -n "$LOGS" ] && mkdir -p "$LOGS"
+status=0
+
+# section NAME TIMEOUT_S COMMAND...: runs COMMAND with a time limit, tees its output to $OUT/NAME.log.
+section() {
+    local name=$1 limit=$2 rc
+    shift 2
+    echo "=== $name: $* ==="
+    local start=$SECONDS
+    if [ -n "$LOGS" ]; then
+        timeout "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
+        rc=${PIPESTATUS[0]}
+    else
+        timeout "$limit" "$@" 2>&1
+        rc=$?
+    fi
+    echo "=== $name: exit $rc after $((SECONDS - start)) s ==="
+    [ "$rc" -ne 0 ] && [ "$status" -eq 0 ] && status=$rc
+    return 0
+}
+
+# --- environment: GPU, driver, torch/triton versions
+section environment 60 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; \
+$PY -c 'import sys, torch, triton; print(\"python\", sys.version.split()[0], \"torch\", torch.__version__, \
+\"cuda\", torch.version.cuda, \"triton\", triton.__version__, \"device\", torch.cuda.get_device_name())'"
+
+# --- every cuda-marked test (LIP: Triton kernels against float64, no host sync, Inductor, CUDA graph).
+# Only the files that hold such tests are collected: others may import packages this machine lacks.
+mapfile -t cuda_files < <(grep -l "pytest.mark.cuda" tests/*.py)
+section cuda_tests 420 "$PY" -m pytest -q -m cuda -p no:cacheprovider "${cuda_files[@]}"
+
+# --- LIP operator benchmark: forward+backward time and peak memory, bf16 channels_last and fp32 NCHW
+section lip_bench 240 "$PY" scripts/bench_lip.py --device cuda
+
+exit "$status"

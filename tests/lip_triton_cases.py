@@ -1,0 +1,129 @@
+"""The Triton LIP kernels run by Triton's interpreter on CPU tensors.
+
+Not collected on its own (the name does not start with test_): tests/test_lip_triton.py runs this file in a
+child pytest with TRITON_INTERPRET=1 and LIP_BACKEND=triton, because triton reads TRITON_INTERPRET when the
+kernels are defined, at import, and it must not leak into other tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.lip import gated_lip2d, lip2d, lip_backend
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("LIP_BACKEND") !=
+                                "triton", reason="needs TRITON_INTERPRET=1 LIP_BACKEND=triton (see the docstring)")
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def naive(x: torch.Tensor, logit: torch.Tensor, k: int, s: int, p: int) -> torch.Tensor:
+    w = logit.exp()
+    return F.avg_pool2d(x * w, k, s, p) / F.avg_pool2d(w, k, s, p)
+
+
+def test_backend_is_triton():
+    assert lip_backend("cpu") == "triton"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("geometry", [(3, 2, 1), (2, 2, 0)], ids=lambda g: "k{}s{}p{}".format(*g))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("form", ["plain", "gated"])
+@pytest.mark.parametrize("logits", ["upto12", "100x"])
+def test_matches_float64_formula(dtype, geometry, layout, form, logits):
+    """Value and both gradients against the float64 formula on the same rounded inputs.
+
+    Odd and even heights and widths in both layouts: (7, 8) NCHW, (8, 7) channels_last.
+    """
+    k, s, p = geometry
+    size = (7, 8) if layout == "nchw" else (8, 7)
+    gen = torch.Generator().manual_seed(10 * k + len(layout))
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, 3, *size, generator=gen).to(dtype)
+    if form == "gated":  # z: the gate saturates, so logits reach 0 and 12
+        t = (100 * x.float() if logits == "100x" else 8 * torch.randn(x.shape, generator=gen)).to(dtype)
+    else:
+        t = (100 * x.float() if logits == "100x" else 12 * torch.rand(x.shape, generator=gen)).to(dtype)
+    if logits == "upto12" and form == "plain":
+        t.view(-1)[0] = 12.0
+    x, t = (v.contiguous(memory_format=fmt).requires_grad_() for v in (x, t))
+
+    def op(a, b):
+        return gated_lip2d(a, b, 12.0, k, s, p) if form == "gated" else lip2d(a, b, k, s, p)
+
+    y = op(x, t)
+    g = torch.randn(y.shape, generator=gen).to(dtype)
+    dx, dt = torch.autograd.grad(y, (x, t), g)
+    xd, td = (v.detach().double().requires_grad_() for v in (x, t))
+    ref = naive(xd, 12 * torch.sigmoid(td) if form == "gated" else td, k, s, p)
+    ref_dx, ref_dt = torch.autograd.grad(ref, (xd, td), g.double())
+    for name, ours, truth in (("out", y, ref), ("dx", dx, ref_dx), ("dlogit", dt, ref_dt)):
+        assert ours.dtype == dtype and ours.shape == truth.shape, name
+        assert torch.isfinite(ours).all(), name
+        scale = truth.abs().max().item()
+        if name == "dlogit" and logits == "100x" and form == "plain":
+            # dlogit = p * g * (x - out) nearly cancels where one weight p dominates a window: its largest
+            # value is ~1e-3 of g * x, below the float32 rounding of out itself (the C++ and pure-PyTorch
+            # paths err by the same ~5e-5 of it). Measured against the scale of g * x instead.
+            scale = max(scale, g.abs().max().item() * x.detach().abs().max().item())
+        err = (ours.double() - truth).abs().max().item()
+        assert err <= TOL[dtype] * scale, (name, err, scale)
+        assert ours.is_contiguous(memory_format=fmt), name
+
+
+def test_gradient_in_the_other_layout_and_mixed_dtypes():
+    """An NCHW incoming gradient for a channels_last output is read in place; bf16 x with fp32 logit -> fp32."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 7, 7, generator=gen).bfloat16().contiguous(memory_format=torch.channels_last)
+    z = (3 * torch.randn(2, 4, 7, 7, generator=gen)).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    z.requires_grad_()
+    y = gated_lip2d(x, z)
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
+    g = torch.randn(y.shape, generator=gen)  # NCHW
+    dx, dz = torch.autograd.grad(y, (x, z), g)
+    assert dx.dtype == torch.bfloat16 and dz.dtype == torch.float32
+    xd, zd = (v.detach().double().requires_grad_() for v in (x, z))
+    ref = naive(xd, 12 * torch.sigmoid(zd), 3, 2, 1)
+    for ours, truth in zip((y, dx, dz), (ref, *torch.autograd.grad(ref, (xd, zd), g.double())), strict=True):
+        assert (ours.double() - truth).abs().max() <= 1e-2 * truth.abs().max()
+
+
+def test_float64_gradcheck():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 1, 4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = (3 * torch.randn(1, 1, 4, 5, generator=gen, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: lip2d(a, b), (x, t))
+    assert torch.autograd.gradcheck(lambda a, b: gated_lip2d(a, b, 12.0, 2, 2, 0), (x, t))
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 2, 5, 6, generator=gen, requires_grad=True)
+    t = torch.randn(1, 2, 5, 6, generator=gen, requires_grad=True)
+    for coeff, gated in ((0.0, False), (12.0, True)):
+        args = (x, t, coeff, gated, 3, 2, 1)
+        torch.library.opcheck(torch.ops.lip.forward.default, args)
+        out, out_exact, state, aux = torch.ops.lip.forward(*args)
+        torch.library.opcheck(torch.ops.lip.backward.default,
+                              (torch.ones_like(out), x.detach(), t.detach(), out.detach(), out_exact, state, aux,
+                               *args[2:]))
+
+
+@pytest.mark.parametrize("op", [lip2d, gated_lip2d], ids=["plain", "gated"])
+def test_saves_only_inputs_and_output_sized_tensors(op):
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    t = torch.randn(2, 4, 16, 16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda v: saved.append(v) or v, lambda v: v):
+        y = op(x, t)
+    inputs = {x.untyped_storage().data_ptr(), t.untyped_storage().data_ptr()}
+    others = [v for v in saved if v.untyped_storage().data_ptr() not in inputs]
+    assert len(saved) - len(others) == 2
+    assert all(v.numel() <= y.numel() for v in others)
+    assert sum(v.untyped_storage().nbytes() for v in others) <= 3 * y.untyped_storage().nbytes()
