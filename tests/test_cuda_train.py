@@ -19,7 +19,7 @@ from training.engine import StepAgreement, train_step
 from training.recipe import build_recipe
 from training.signals import StopRequest
 
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = pytest.mark.cuda
 
 DEVICE = torch.device("cuda", 0)
 
