@@ -52,7 +52,8 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
     log.open(out / "train.log")
     quiet = log.info if d.is_main else (lambda _msg: None)
     loader_args = {"rank": d.rank, "world_size": d.world_size, "seed": cfg["seed"], "device": d.device,
-                   "cache_dir": cfg["data"]["cache_dir"], "log": quiet}
+                   "cache_dir": cfg["data"]["cache_dir"], "log": quiet,
+                   "channels_last": cfg["train"]["channels_last"] and d.device.type == "cuda"}
     train_loader, val_loader = distributed.local_rank_zero_first(  # one walk of the file tree per node
         d, lambda: tuple(build_loader(cfg["data"], split, batch_size=batch_per_rank, **loader_args)
                          for split in ("train", "val")), from_node_cache)
@@ -106,7 +107,7 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
         ema_val = None
         if ema_model is not None:
             ema_val = evaluate(ema_model, val_loader, d, recipe.autocast, channels_last)
-        row = epoch_row(state, recipe.optimizer.param_groups[0]["lr"], val, ema_val)
+        row = epoch_row(state, recipe.optimizer.param_groups[0]["lr"], val, ema_val, train_loader.sizes(state.epoch))
         log.info(describe_row(row))
         is_best = state.finish_epoch(row)
         ckpt.save(state, best=is_best)  # holds the row: metrics.jsonl is rebuilt from it after a crash
