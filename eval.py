@@ -18,7 +18,7 @@ import torch
 
 from data import build_loader
 from models import create_model, load_checkpoint
-from training import distributed
+from training import backends, distributed
 from training.cli import ArgumentParser, run_main
 from training.config import load_config, use_channels_last
 from training.distributed import Dist
@@ -33,6 +33,7 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
         raise UserError(f"{checkpoint}: checkpoint file not found")
+    backends.configure(cfg["train"], d.device)  # the arithmetic training used (train.tf32, train.deterministic)
     distributed.init(d, cfg["train"]["cpu_threads"])
 
     batch_per_rank = max(1, cfg["train"]["batch_size"] // d.world_size)

@@ -3,8 +3,14 @@
     python train.py --config configs/demo.yaml
     torchrun --nproc_per_node=8 train.py --config configs/lip_resnet50.yaml data.root=/data/imagenet
 
-Rerunning the same command with the same output_dir resumes from checkpoints/last.pth, mid-epoch and
-exactly. SIGUSR1/SIGTERM checkpoint at the next step and exit 0. Exit 2: bad input; exit 3: non-finite loss.
+Rerunning the same command with the same output_dir resumes from checkpoints/last.pth, mid-epoch: the same
+data order, augmentation, lr schedule and RNG streams as an uninterrupted run. On the CPU that is bit-exact;
+on a GPU cuDNN's autotuned kernels, TF32 and NCCL reductions are not bit-deterministic, so a resumed (or any
+repeated) run matches closely, not bitwise, unless train.deterministic=true. SIGUSR1/SIGTERM checkpoint at
+the next step and exit 0. Exit 2: bad input; exit 3: non-finite loss.
+
+train.batch_size is the global batch, split across the ranks; optim.lr is scaled linearly with it. Keep at
+least 32 images per GPU (BatchNorm statistics): scale train.batch_size with the number of GPUs.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ import torch
 from timm.utils import random_seed
 
 from data import build_loader
+from data.index import from_node_cache
 from models import create_model, importance_maps
-from training import distributed
+from training import backends, distributed
 from training.checkpoint import Checkpointer, load_for_resume, remove_stale_temporaries
 from training.cli import ArgumentParser, run_main
 from training.config import check_world_size, load_config, save_config, use_channels_last
@@ -40,18 +47,18 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
     except OSError as e:
         raise UserError(f"output_dir {out}: cannot create it ({e.strerror})") from None
     stop = StopRequest().install()  # before loader workers fork, so they inherit it
+    arithmetic = backends.configure(cfg["train"], d.device)  # before any CUDA work (cuBLAS workspace)
     distributed.init(d, cfg["train"]["cpu_threads"])
     random_seed(cfg["seed"])  # the same initial weights on every rank (the EMA copy is taken before DDP syncs)
-    if d.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
 
     log.open(out / "train.log")
     quiet = log.info if d.is_main else (lambda _msg: None)
     channels_last = use_channels_last(cfg, d.device)
     loader_args = {"rank": d.rank, "world_size": d.world_size, "seed": cfg["seed"], "device": d.device,
                    "cache_dir": cfg["data"]["cache_dir"], "log": quiet, "channels_last": channels_last}
-    train_loader = build_loader(cfg["data"], "train", batch_size=batch_per_rank, **loader_args)
-    val_loader = build_loader(cfg["data"], "val", batch_size=batch_per_rank, **loader_args)
+    train_loader, val_loader = distributed.local_rank_zero_first(  # one walk of the file tree per node
+        d, lambda: tuple(build_loader(cfg["data"], split, batch_size=batch_per_rank, **loader_args)
+                         for split in ("train", "val")), from_node_cache)
     steps_per_epoch = len(train_loader)
     num_classes = cfg["num_classes"] or len(train_loader.classes)
 
@@ -81,9 +88,14 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
     log.info(f"{cfg['model']}: {params:,} parameters, {num_classes} classes; {train_loader.num_images} train / "
              f"{val_loader.num_images} val images; {d.world_size} rank(s) on {d.device.type}, batch "
              f"{cfg['train']['batch_size']} ({batch_per_rank}/rank), lr {scaled_lr(cfg):.4g}, amp "
-             f"{cfg['train']['amp']}; output in {out}")
+             f"{cfg['train']['amp']}, compile {'on' if cfg['train']['compile'] else 'off'}, {arithmetic}; "
+             f"output in {out}")
+    if (warning := distributed.small_batch_warning(d, batch_per_rank)) is not None:
+        log.info(warning)
     ctx = EpochContext(cfg, d, stop, log, metrics, ckpt.save, steps_per_epoch)
-    ddp_model = distributed.wrap_ddp(model, d)
+    fast_model = backends.compile_model(model, cfg["train"])  # after channels_last, before DDP
+    ddp_model = distributed.wrap_ddp(fast_model, d)
+    ema_model = backends.compile_model(recipe.ema.module, cfg["train"]) if recipe.ema is not None else None
 
     # The same val images every epoch, spread over the split, for the importance maps in TensorBoard
     samples = fixed_val_images(val_loader, cfg["tb"]["num_images"], cfg["data"], d.device) if d.is_main else None
@@ -94,10 +106,10 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
         distributed.broadcast_buffers(model)
         if recipe.ema is not None:
             distributed.broadcast_buffers(recipe.ema.module)
-        val = evaluate(model, val_loader, d, recipe.autocast, channels_last)
+        val = evaluate(fast_model, val_loader, d, recipe.autocast, channels_last)
         ema_val = None
-        if recipe.ema is not None:
-            ema_val = evaluate(recipe.ema.module, val_loader, d, recipe.autocast, channels_last)
+        if ema_model is not None:
+            ema_val = evaluate(ema_model, val_loader, d, recipe.autocast, channels_last)
         row = epoch_row(state, recipe.optimizer.param_groups[0]["lr"], val, ema_val, train_loader.sizes(state.epoch))
         log.info(describe_row(row))
         is_best = state.finish_epoch(row)

@@ -6,7 +6,8 @@ and mtime, and runs `checks.cheap_check` only on files the cache does not alread
 and later starts only list and stat the tree, comparing with the cache as numpy arrays. The cache lives
 under `cache_dir` (the trainer passes its output directory) or ~/.cache/lip, never inside the data root,
 which may be read-only. Ranks that start together serialise on a lock file, so one of them scans and the
-others read its result.
+others read its result; inside `from_node_cache()` (the trainer's other ranks of a node, once its local
+rank 0 has indexed) the cache is taken as it is, without walking the tree again.
 """
 
 from __future__ import annotations
@@ -221,11 +222,47 @@ def _run_chunks(fn, split_dir: bytes, chunks: list[list], in_processes: bool) ->
         return [x for part in pool.map(fn, [split_dir] * len(chunks), chunks) for x in part]
 
 
+_node_cache = False  # set inside from_node_cache()
+
+
+@contextlib.contextmanager
+def from_node_cache() -> Iterator[None]:
+    """Within: `load_index` reads the index that another process of this node has just written to the
+    cache, without listing and stat'ing every file again (one walk per node, not one per rank, at every
+    start and requeue). Without a valid cache it scans as usual."""
+    global _node_cache
+    previous, _node_cache = _node_cache, True
+    try:
+        yield
+    finally:
+        _node_cache = previous
+
+
+def _index_from_cache(split_dir: Path, classes: list[str], cache_file: Path) -> tuple | None:
+    """(paths, widths, heights, labels, reasons) from the cache file alone, or None when it cannot serve."""
+    cache = _read_cache(cache_file, split_dir)
+    if cache is None or len(cache["paths"]) == 0:
+        return None
+    names = np.array([os.fsencode(c) for c in classes])
+    wnids = np.char.partition(cache["paths"], b"/")[:, 0]
+    labels = np.minimum(np.searchsorted(names, wnids), len(names) - 1)
+    if not np.array_equal(names[labels], wnids) or np.bincount(labels, minlength=len(names)).min() == 0:
+        return None  # class folders changed since the cache was written
+    reasons = dict(zip(cache["bad_rows"].tolist(), cache["bad_reasons"].tolist(), strict=True))
+    return cache["paths"], cache["widths"], cache["heights"], labels.astype(np.int64), reasons
+
+
 def load_index(root: str | os.PathLike[str], split: str, cache_dir: str | os.PathLike[str] | None = None,
                log: Callable[[str], None] = print) -> SplitIndex:
     """Validate the layout, pre-scan new or changed files, cache the result and return the index."""
     split_dir, classes = check_layout(root, split)
     t0 = time.time()
+    if _node_cache:
+        cached = _index_from_cache(split_dir, classes,
+                                   _cache_path(Path(cache_dir) if cache_dir else default_cache_dir(), split_dir))
+        if cached is not None:
+            paths, widths, heights, labels, reasons = cached
+            return _assemble(split_dir, classes, paths, labels, widths, heights, reasons, 0, split, t0, log)
     root_b = os.fsencode(split_dir)
     groups = [classes[i : i + CLASS_CHUNK] for i in range(0, len(classes), CLASS_CHUNK)]
     listed = _run_chunks(_list_classes, root_b, groups, len(classes) >= PROCESS_MIN_CLASSES)
@@ -271,6 +308,13 @@ def load_index(root: str | os.PathLike[str], split: str, cache_dir: str | os.Pat
             except OSError as e:
                 log(f"data: could not write the index cache {cache_file} ({e})")
 
+    return _assemble(split_dir, classes, paths, labels, widths, heights, reasons, len(todo), split, t0, log)
+
+
+def _assemble(split_dir: Path, classes: list[str], paths: np.ndarray, labels: np.ndarray, widths: np.ndarray,
+              heights: np.ndarray, reasons: dict[int, str], checked: int, split: str, t0: float,
+              log: Callable[[str], None]) -> SplitIndex:
+    """The index of the usable files, once every file's size and verdict is known."""
     good = np.ones(len(paths), dtype=bool)
     good[list(reasons)] = False
     counts = np.bincount(labels[good], minlength=len(classes))
@@ -279,7 +323,7 @@ def load_index(root: str | os.PathLike[str], split: str, cache_dir: str | os.Pat
             raise DataError(f"{split_dir / wnid}: no readable image left (every file in it is broken)")
     bad_files = [(os.path.join(split_dir, os.fsdecode(paths[i])), reasons[i]) for i in sorted(reasons)]
     index = SplitIndex(split_dir=split_dir, classes=classes, paths=paths[good], labels=labels[good],
-                       widths=widths[good], heights=heights[good], bad_files=bad_files, checked=len(todo))
+                       widths=widths[good], heights=heights[good], bad_files=bad_files, checked=checked)
     _log_summary(index, split, len(paths), time.time() - t0, log)
     return index
 

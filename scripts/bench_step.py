@@ -22,13 +22,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["resnet50", "lip_resnet50", "lip_resnet50_naive"]
+# Allocations above 64 KiB are mmapped and return to the OS when freed, so RSS follows the live tensors.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
+    """A /proc/self/status figure in KiB: VmRSS (resident now) or VmHWM (peak since the last reset)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_before_steps_kib() -> int:
+    """Return freed heap to the OS, reset the peak-RSS counter (VmHWM) and return the RSS now; the peak
+    RSS after some steps minus this is the memory those steps added (their activations)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    return before
 
 
 def worker(variant: str, batch_size: int, resolution: int, threads: int, steps: int) -> dict:
@@ -59,21 +71,18 @@ def worker(variant: str, batch_size: int, resolution: int, threads: int, steps: 
         opt.step()
 
     step()  # allocates gradients and momentum buffers
-    libc = ctypes.CDLL("libc.so.6")
     times = []
     for _ in range(steps):
-        libc.malloc_trim(0)
-        before = _status_kib("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (VmHWM)
+        before = rss_before_steps_kib()
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-        peak = _status_kib("VmHWM")
+        peak = status_kib("VmHWM")
     return {"variant": variant, "step_s": statistics.median(times), "activation_mib": (peak - before) / 1024}
 
 
 def run_variant(variant: str, args: argparse.Namespace) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(args.threads)}
+    env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, __file__, "--worker", variant, "--batch-size", str(args.batch_size),
            "--resolution", str(args.resolution), "--threads", str(args.threads), "--steps", str(args.steps)]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout

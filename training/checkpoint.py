@@ -63,18 +63,20 @@ def rng_state() -> dict[str, Any]:
         "python": random.getstate(),
         "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # this rank's own GPU only: a resume may run on another layout of GPUs (other node, other count)
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore `rng_state()`'s output on this rank; the CUDA state goes to this rank's own device."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if isinstance(state["cuda"], torch.Tensor) and torch.cuda.is_available():  # none when written on a CPU
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def load_for_resume(path: Path) -> dict[str, Any] | None:

@@ -56,7 +56,6 @@ def run_main(main: Callable[[], None], log: RunLog) -> None:
 
     try:
         main()
-        shutdown()
     except (UserError, DataError, CheckpointError) as e:
         log.every_rank(f"error: {e}", error=True)
         raise SystemExit(EXIT_USER_ERROR) from None
@@ -64,4 +63,5 @@ def run_main(main: Callable[[], None], log: RunLog) -> None:
         log.every_rank(f"error: {e}", error=True)
         raise SystemExit(EXIT_NON_FINITE) from None
     finally:
+        shutdown()  # on every exit path: NCCL resources are released, not left to the interpreter's exit
         log.close()

@@ -52,6 +52,7 @@ def _model_names() -> list[str]:
 
 
 AMP_CHOICES = ("bf16", "fp16", "off")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # Defaults in one place. The paper recipe (configs/paper.yaml) spells out its values explicitly on top of these.
 SCHEMA: dict[str, Option] = {
@@ -83,6 +84,14 @@ SCHEMA: dict[str, Option] = {
     "train.cpu_threads": Option(None, int, "torch threads per process on a CPU; null = torch's default (all cores, "
                                 "or OMP_NUM_THREADS)", minimum=1, nullable=True),
     "train.channels_last": Option(True, bool, "channels_last memory format (applied on GPU only)"),
+    "train.compile": Option(False, bool, "torch.compile the model (after channels_last, before DDP); the first "
+                            "steps and evaluations are slower while it compiles"),
+    "train.compile_mode": Option(None, str, "torch.compile mode; null = torch's default", nullable=True,
+                                 choices=COMPILE_MODES),
+    "train.deterministic": Option(False, bool, "reproducible GPU reruns: deterministic cuDNN/cuBLAS algorithms, "
+                                  "no cudnn.benchmark, no TF32 (slower)"),
+    "train.tf32": Option(True, bool, "TF32 for fp32 matmuls and convolutions on a GPU (what runs with "
+                         "train.amp=off); false = true fp32"),
     "train.log_every": Option(50, int, "steps between train.log lines and TensorBoard train scalars", minimum=1),
     "train.label_smoothing": Option(0.0, float, "label smoothing of the cross-entropy loss; 0 = off", minimum=0.0,
                                    maximum=0.99),

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -56,6 +58,46 @@ def init(d: Dist, cpu_threads: int | None = None) -> None:
         dist.init_process_group(backend, device_id=d.device if d.device.type == "cuda" else None)
 
 
+T = TypeVar("T")
+
+
+def local_rank_zero_first(d: Dist, fn: Callable[[], T], then: Callable[[], AbstractContextManager[Any]]) -> T:
+    """fn() on each node's local rank 0 first, then on the node's other ranks inside `then()` (e.g. reading
+    what the first one cached). When a local rank 0 fails, the others run fn() plainly and report for
+    themselves, so no rank waits for a peer that has exited."""
+    if not d.enabled:
+        return fn()
+    result: T | None = None
+    error: BaseException | None = None
+    if d.local_rank == 0:
+        try:
+            result = fn()
+        except Exception as e:  # re-raised once every rank knows, below
+            error = e
+    failed = any_rank(error is not None, d.device)  # the other ranks wait here
+    if error is not None:
+        raise error
+    if d.local_rank == 0:
+        return result  # type: ignore[return-value]
+    if failed:
+        return fn()
+    with then():
+        return fn()
+
+
+MIN_GPU_BATCH = 32
+
+
+def small_batch_warning(d: Dist, batch_per_rank: int) -> str | None:
+    """A warning when each GPU sees fewer than 32 images per step: BatchNorm's statistics, computed per GPU,
+    then get noisy and accuracy drops."""
+    if d.device.type != "cuda" or batch_per_rank >= MIN_GPU_BATCH:
+        return None
+    return (f"warning: {batch_per_rank} images per GPU; BatchNorm statistics get noisy below {MIN_GPU_BATCH}: "
+            f"raise train.batch_size with the number of GPUs ({MIN_GPU_BATCH * d.world_size} or more for "
+            f"{d.world_size}; the lr scales with it)")
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -64,7 +106,9 @@ def shutdown() -> None:
 def wrap_ddp(model: nn.Module, d: Dist) -> nn.Module:
     if not d.enabled:
         return model
-    return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    # Gradients live in DDP's communication buckets: no copy in or out of them, and less memory.
+    return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True)
 
 
 def broadcast_buffers(module: nn.Module) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.utils import unwrap_model
 from torch import nn
 from tqdm import tqdm
 
@@ -45,10 +46,19 @@ class StepResult:
 class StepAgreement:
     """The per-step all_reduce, read one step late: while step t's numbers travel, the CPU already queues
     step t+1, so the check never makes the GPU wait. A non-finite loss at step t is thus seen after step
-    t+1 ran; the weights are then never saved, so the last good checkpoint stays."""
+    t+1 ran; the weights are then never saved, so the last good checkpoint stays.
 
-    def __init__(self, world_size: int, stop: StopRequest) -> None:
+    On a GPU the reduced numbers are copied into pinned host memory without blocking and a CUDA event is
+    recorded after the copy: the late read waits for that event, i.e. for step t only, not for the work of
+    step t+1 queued since (a plain `.tolist()` would wait for all of it). Two host buffers alternate, as the
+    step being read and the step just queued are both in flight.
+    """
+
+    def __init__(self, world_size: int, stop: StopRequest, device: torch.device) -> None:
         self.world_size, self.stop = world_size, stop
+        self.cuda = device.type == "cuda"
+        self._host = [torch.empty(3, pin_memory=True) for _ in range(2)] if self.cuda else []
+        self._turn = 0
         self._pending: tuple[torch.Tensor, Any, tuple[int, int, int, float]] | None = None
 
     def push(self, loss: torch.Tensor, where: tuple[int, int, int, float]) -> StepResult | None:
@@ -56,7 +66,17 @@ class StepAgreement:
         loss = loss.detach().float()
         flags = torch.stack([loss, (~torch.isfinite(loss)).float(), loss.new_full((), float(self.stop.pending))])
         handle = all_reduce_sum(flags, async_op=True)
-        previous, self._pending = self._pending, (flags, handle, where)
+        ready: Any = handle
+        if self.cuda:
+            if handle is not None:
+                handle.wait()  # NCCL: orders the current stream after the reduction; the CPU does not wait
+            host = self._host[self._turn]
+            self._turn ^= 1
+            host.copy_(flags, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            flags = host
+        previous, self._pending = self._pending, (flags, ready, where)
         return self._resolve(previous)
 
     def flush(self) -> StepResult | None:
@@ -67,10 +87,12 @@ class StepAgreement:
     def _resolve(self, item: tuple[torch.Tensor, Any, tuple[int, int, int, float]] | None) -> StepResult | None:
         if item is None:
             return None
-        flags, handle, where = item
-        if handle is not None:
-            handle.wait()
-        loss_sum, non_finite, stop = flags.tolist()
+        flags, ready, where = item
+        if isinstance(ready, torch.cuda.Event):
+            ready.synchronize()  # step t's copy only
+        elif ready is not None:
+            ready.wait()  # gloo: the reduction itself, on the CPU
+        loss_sum, non_finite, stop = flags.tolist()  # host memory by now: no device sync
         return StepResult(loss_sum / self.world_size, non_finite > 0, stop > 0, *where)
 
 
@@ -93,7 +115,7 @@ def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, rec
         loss.backward()
         recipe.optimizer.step()
     if recipe.ema is not None:
-        recipe.ema.update(getattr(model, "module", model))
+        recipe.ema.update(unwrap_model(model))  # the plain module under DDP and torch.compile
     return loss
 
 
@@ -147,7 +169,7 @@ def train_one_epoch(model: nn.Module, loader: Loader, recipe: Recipe, state: Tra
     cfg, d = ctx.cfg, ctx.dist
     every, nan_at = cfg["checkpoint"]["every_steps"], cfg["debug"]["nan_at_step"]
     channels_last = use_channels_last(cfg, d.device)
-    agreement = StepAgreement(d.world_size, ctx.stop)
+    agreement = StepAgreement(d.world_size, ctx.stop, d.device)
     progress = Progress(ctx, state)
     lap = time.perf_counter()
 
