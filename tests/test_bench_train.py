@@ -11,6 +11,8 @@ import pytest
 import torch
 from train_utils import ENV, ROOT
 
+pytestmark = pytest.mark.slow
+
 KEYS = {"model", "baseline", "device", "model_img_s", "baseline_img_s", "model_peak_mb", "baseline_peak_mb",
         "speed_ratio", "memory_ratio"}
 

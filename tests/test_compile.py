@@ -10,6 +10,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from train_utils import make_dataset, metrics_rows, run, tiny_run, train_cmd
 
+pytestmark = pytest.mark.slow
+
 STEPS = 12  # 48 train images / batch 4
 VAL = 3 * 8  # a multiple of the batch: one validation shape to compile
 

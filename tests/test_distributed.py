@@ -22,6 +22,7 @@ from training.errors import NonFiniteLossError, UserError
 from training.logger import RunLog
 
 
+@pytest.mark.slow
 def test_other_ranks_of_a_node_read_the_index_without_walking_the_tree(tmp_path: Path, monkeypatch) -> None:
     root = make_dataset(tmp_path / "shapes", classes=3, train=4, val=2, size=32)
     broken = root / "train" / "01_square" / "broken.JPEG"
