@@ -3,6 +3,7 @@
     python eval.py --config configs/lip_resnet50.yaml --checkpoint lip_resnet-50.pth.tar data.root=/data/imagenet
     torchrun --nproc_per_node=8 eval.py --config ... --checkpoint ...
 
+`--ema` scores a training checkpoint's EMA weights (`model_ema`, written when train.ema_decay > 0) instead.
 Each image is counted exactly once whatever the number of ranks. The last line printed is JSON:
 {"images": 50000, "top1": ..., "top5": ..., "loss": ...} (top-1/top-5 in percent).
 """
@@ -39,12 +40,14 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
                           seed=cfg["seed"], device=d.device, cache_dir=cfg["data"]["cache_dir"],
                           log=log.info if d.is_main else (lambda _msg: None))
     model = create_model(cfg["model"], num_classes=cfg["num_classes"] or len(loader.classes))
-    load_checkpoint(model, checkpoint)  # weights_only: refuses pickles that would run code
+    # weights_only: refuses pickles that would run code
+    load_checkpoint(model, checkpoint, entry="model_ema" if args.ema else None)
     channels_last = cfg["train"]["channels_last"] and d.device.type == "cuda"
     model = model.to(d.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
 
     result = evaluate(model, loader, d, autocast_for(cfg["train"]["amp"], d.device), channels_last)
-    log.info(f"{cfg['model']} from {checkpoint}: {result.images} images on {d.world_size} rank(s), "
+    weights = " (EMA weights)" if args.ema else ""
+    log.info(f"{cfg['model']}{weights} from {checkpoint}: {result.images} images on {d.world_size} rank(s), "
              f"top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}%, loss {result.loss:.4f}, {result.seconds:.1f} s")
     if d.is_main:
         print(json.dumps({"images": result.images, "top1": round(result.top1, 4), "top5": round(result.top5, 4),
@@ -54,6 +57,7 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
 if __name__ == "__main__":
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="our .pth or the authors' release")
+    parser.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights (model_ema)")
     parser.add_overrides()
     world = distributed.world_from_env()
     run_log = RunLog(world.rank, world.world_size)

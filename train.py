@@ -86,6 +86,10 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
     while state.epoch < cfg["train"]["epochs"]:
         if train_one_epoch(ddp_model, train_loader, recipe, state, ctx):
             break
+        # Evaluate exactly what the checkpoint saves: rank 0's buffers, in the model and the EMA copy.
+        distributed.broadcast_buffers(model)
+        if recipe.ema is not None:
+            distributed.broadcast_buffers(recipe.ema.module)
         val = evaluate(model, val_loader, d, recipe.autocast, channels_last, keep=keep)
         ema_val = None
         if recipe.ema is not None:

@@ -63,15 +63,21 @@ def _listing(keys: list[str], limit: int = 5) -> str:
     return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> dict[str, Any]:
+def load_checkpoint(model: nn.Module, path: str | Path, entry: str | None = None) -> dict[str, Any]:
     """Load weights into `model` (DDP-wrapped or not) from `path`; returns the whole checkpoint dict.
 
     Accepts `{'state_dict': {'module.' + key: ...}}` (the authors' release), a bare state_dict and our
-    training checkpoints (`{'model': state_dict, ...}`). Missing, unexpected or mis-shaped keys raise
-    `CheckpointError` before any weight is copied, so a model is never left half-loaded.
+    training checkpoints (`{'model': state_dict, ...}`); `entry` picks another state_dict of ours instead,
+    e.g. 'model_ema'. Missing, unexpected or mis-shaped keys raise `CheckpointError` before any weight is
+    copied, so a model is never left half-loaded.
     """
     ckpt = read_checkpoint(path)
-    state = extract_state_dict(ckpt, path)
+    if entry is not None:
+        if not isinstance(ckpt.get(entry), Mapping):
+            raise CheckpointError(f"{path}: has no '{entry}' weights")
+        state = extract_state_dict(ckpt[entry], path)
+    else:
+        state = extract_state_dict(ckpt, path)
     target = getattr(model, "module", model)
     expected = target.state_dict()
     missing = [k for k in expected if k not in state]

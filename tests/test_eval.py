@@ -1,5 +1,5 @@
 """eval.py with real processes: each image counted once on 2 torchrun ranks, the authors' checkpoint layout,
-and bad checkpoints (missing, malicious pickle, wrong model) refused in one line."""
+and bad checkpoints (missing, malicious pickle, wrong model, no EMA weights) refused in one line."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("case", ["missing", "malicious", "wrong_model"])
+@pytest.mark.parametrize("case", ["missing", "malicious", "wrong_model", "no_ema"])
 def test_bad_checkpoint_is_one_line(trained: tuple[Path, Path], tmp_path: Path, case: str) -> None:
     data, out = trained
     checkpoint, extra, expected = out / "checkpoints" / "last.pth", [], ""
@@ -80,6 +80,8 @@ def test_bad_checkpoint_is_one_line(trained: tuple[Path, Path], tmp_path: Path, 
     elif case == "malicious":
         checkpoint, expected = tmp_path / "evil.pth", "refused"
         torch.save({"model": Payload(marker)}, checkpoint)
+    elif case == "no_ema":  # trained without train.ema_decay: there are no EMA weights to score
+        extra, expected = ["--ema"], "has no 'model_ema' weights"
     else:
         extra, expected = ["model=resnet50"], "does not match"
     proc = evaluate(data, checkpoint, 1, *extra)

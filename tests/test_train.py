@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 from pathlib import Path
@@ -15,6 +16,7 @@ import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from train_utils import (
+    command,
     kill9_tree,
     load_weights,
     make_dataset,
@@ -172,6 +174,21 @@ def test_sigusr1_to_one_rank_and_kill9_resume_exactly_two_ranks(data: Path, refe
 
     train(data, out, 2, *EXTRAS_2)
     assert_same_run(out, reference_2)
+
+
+@pytest.mark.parametrize("ema", [False, True], ids=["model", "ema"])
+def test_two_rank_figures_are_those_of_the_saved_weights(data: Path, reference_2: Path, ema: bool) -> None:
+    """Each rank trains with its own BatchNorm statistics; what a 2-rank run reports must still be what
+    eval.py measures on its last.pth on 1 rank (the model, and the EMA copy with --ema)."""
+    args = ["--config", "configs/demo.yaml", "--checkpoint", str(reference_2 / "checkpoints" / "last.pth"),
+            *tiny_run(data, reference_2, *EXTRAS_2), *(["--ema"] if ema else [])]
+    proc = run(command("eval.py", 1, args), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    row, suffix = metrics_rows(reference_2)[-1], "_ema" if ema else ""
+    assert got["top1"] == round(row["val_top1" + suffix], 4)
+    assert got["top5"] == round(row["val_top5" + suffix], 4)
+    assert got["loss"] == pytest.approx(row["val_loss" + suffix], rel=1e-4)
 
 
 def test_non_finite_loss_stops_with_exit_3_and_keeps_last_good_checkpoint(data: Path, tmp_path: Path) -> None:

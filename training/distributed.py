@@ -67,6 +67,19 @@ def wrap_ddp(model: nn.Module, d: Dist) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
 
 
+def broadcast_buffers(module: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), the ones a checkpoint saves.
+
+    During training each rank updates its buffers from its own batches (DDP copies rank 0's only at the
+    start of a training forward), and an EMA copy averages each rank's own; evaluating without this would
+    score each validation shard with different statistics than the weights that get written.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def all_reduce_sum(t: torch.Tensor, async_op: bool = False) -> Any:
     """Sum `t` over the ranks in place; returns the work handle when `async_op` (None without a group)."""
     if dist.is_available() and dist.is_initialized():
