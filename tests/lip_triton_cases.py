@@ -76,18 +76,24 @@ def test_matches_float64_formula(dtype, geometry, layout, form, logits):
         assert ours.is_contiguous(memory_format=fmt), name
 
 
-def test_gradient_in_the_other_layout_and_mixed_dtypes():
-    """An NCHW incoming gradient for a channels_last output is read in place; bf16 x with fp32 logit -> fp32."""
+@pytest.mark.parametrize("z_layout", ["channels_last", "nchw"])
+def test_mixed_layouts_and_dtypes(z_layout):
+    """channels_last x, z in either layout, an NCHW incoming gradient: all read in place, each gradient in its
+    input's layout; bf16 x with an fp32 logit gives fp32, as the formula does."""
+    cl = torch.channels_last
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, 7, 7, generator=gen).bfloat16().contiguous(memory_format=torch.channels_last)
-    z = (3 * torch.randn(2, 4, 7, 7, generator=gen)).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 7, 7, generator=gen).bfloat16().contiguous(memory_format=cl)
+    z = 3 * torch.randn(2, 4, 7, 7, generator=gen)
+    if z_layout == "channels_last":
+        z = z.contiguous(memory_format=cl)
     x.requires_grad_()
     z.requires_grad_()
     y = gated_lip2d(x, z)
-    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=torch.channels_last)
+    assert y.dtype == torch.float32 and y.is_contiguous(memory_format=cl)
     g = torch.randn(y.shape, generator=gen)  # NCHW
     dx, dz = torch.autograd.grad(y, (x, z), g)
     assert dx.dtype == torch.bfloat16 and dz.dtype == torch.float32
+    assert dx.is_contiguous(memory_format=cl) and dz.stride() == z.stride()
     xd, zd = (v.detach().double().requires_grad_() for v in (x, z))
     ref = naive(xd, 12 * torch.sigmoid(zd), 3, 2, 1)
     for ours, truth in zip((y, dx, dz), (ref, *torch.autograd.grad(ref, (xd, zd), g.double())), strict=True):
