@@ -133,3 +133,20 @@ def test_saves_only_inputs_and_output_sized_tensors(op):
     assert len(saved) - len(others) == 2
     assert all(v.numel() <= y.numel() for v in others)
     assert sum(v.untyped_storage().nbytes() for v in others) <= 3 * y.untyped_storage().nbytes()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_several_lane_blocks(layout):
+    """More channels (channels_last) or output columns (NCHW) than one program's lanes: the last block masked."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    size = (1, 70, 5, 6) if layout == "channels_last" else (1, 2, 3, 133)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(size, generator=gen).contiguous(memory_format=fmt).requires_grad_()
+    t = (4 * torch.randn(size, generator=gen)).contiguous(memory_format=fmt).requires_grad_()
+    y = lip2d(x, t)
+    g = torch.randn(y.shape, generator=gen)
+    xd, td = (v.detach().double().requires_grad_() for v in (x, t))
+    ref = naive(xd, td, 3, 2, 1)
+    for ours, truth in zip((y, *torch.autograd.grad(y, (x, t), g)),
+                           (ref, *torch.autograd.grad(ref, (xd, td), g.double())), strict=True):
+        assert (ours.double() - truth).abs().max() <= 1e-5 * truth.abs().max()
