@@ -36,13 +36,13 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
     distributed.init(d, cfg["train"]["cpu_threads"])
 
     batch_per_rank = max(1, cfg["train"]["batch_size"] // d.world_size)
+    channels_last = cfg["train"]["channels_last"] and d.device.type == "cuda"
     loader = build_loader(cfg["data"], "val", batch_size=batch_per_rank, rank=d.rank, world_size=d.world_size,
                           seed=cfg["seed"], device=d.device, cache_dir=cfg["data"]["cache_dir"],
-                          log=log.info if d.is_main else (lambda _msg: None))
+                          channels_last=channels_last, log=log.info if d.is_main else (lambda _msg: None))
     model = create_model(cfg["model"], num_classes=cfg["num_classes"] or len(loader.classes))
     # weights_only: refuses pickles that would run code
     load_checkpoint(model, checkpoint, entry="model_ema" if args.ema else None)
-    channels_last = cfg["train"]["channels_last"] and d.device.type == "cuda"
     model = model.to(d.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
 
     result = evaluate(model, loader, d, autocast_for(cfg["train"]["amp"], d.device), channels_last)

@@ -46,7 +46,8 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
     log.open(out / "train.log")
     quiet = log.info if d.is_main else (lambda _msg: None)
     loader_args = {"rank": d.rank, "world_size": d.world_size, "seed": cfg["seed"], "device": d.device,
-                   "cache_dir": cfg["data"]["cache_dir"], "log": quiet}
+                   "cache_dir": cfg["data"]["cache_dir"], "log": quiet,
+                   "channels_last": cfg["train"]["channels_last"] and d.device.type == "cuda"}
     train_loader = build_loader(cfg["data"], "train", batch_size=batch_per_rank, **loader_args)
     val_loader = build_loader(cfg["data"], "val", batch_size=batch_per_rank, **loader_args)
     steps_per_epoch = len(train_loader)
@@ -94,7 +95,7 @@ def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
         ema_val = None
         if recipe.ema is not None:
             ema_val = evaluate(recipe.ema.module, val_loader, d, recipe.autocast, channels_last)
-        row = epoch_row(state, recipe.optimizer.param_groups[0]["lr"], val, ema_val)
+        row = epoch_row(state, recipe.optimizer.param_groups[0]["lr"], val, ema_val, train_loader.sizes(state.epoch))
         log.info(describe_row(row))
         is_best = state.finish_epoch(row)
         ckpt.save(state, best=is_best)  # holds the row: metrics.jsonl is rebuilt from it after a crash

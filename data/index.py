@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .checks import cheap_check
+from .cpus import available_cpus
 from .errors import DataError
 
 SPLITS = ("train", "val")
@@ -211,9 +212,9 @@ def _check_files(split_dir: bytes, rels: list[bytes]) -> list[tuple[int, int, st
 
 def _run_chunks(fn, split_dir: bytes, chunks: list[list], in_processes: bool) -> list:
     """fn(split_dir, chunk) for every chunk, concatenated. Listing and header parsing hold the GIL, so
-    big jobs (ImageNet: 1000 classes, 1.3M files) go to forked processes, one per core; each overlaps
-    file-system latency (NFS, Lustre) with a few threads."""
-    processes = min(os.cpu_count() or 1, MAX_PROCESSES)
+    big jobs (ImageNet: 1000 classes, 1.3M files) go to forked processes, one per CPU this job may use;
+    each overlaps file-system latency (NFS, Lustre) with a few threads."""
+    processes = min(available_cpus(), MAX_PROCESSES)
     if not in_processes or processes < 2 or len(chunks) < 2:
         return [x for chunk in chunks for x in fn(split_dir, chunk)]
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:

@@ -24,8 +24,8 @@ class Loader(ABC):
     backend = ""
 
     def __init__(self, index: SplitIndex, *, train: bool, batch_size: int, rank: int, world_size: int,
-                 seed: int, device: torch.device, image_size: int, val_resize: int, workers: int,
-                 log: Callable[[str], None]) -> None:
+                 seed: int, device: torch.device, sizes: Callable[[int], int], val_resize: int, workers: int,
+                 channels_last: bool, log: Callable[[str], None]) -> None:
         self.index = index
         self.train = train
         self.batch_size = batch_size
@@ -33,9 +33,11 @@ class Loader(ABC):
         self.world_size = world_size
         self.seed = seed
         self.device = device
-        self.image_size = image_size
+        self.sizes = sizes  # epoch -> output size (train: progressive resizing; val: constant)
+        self.image_size = sizes(0)
         self.val_resize = val_resize
         self.workers = workers
+        self.channels_last = channels_last
         self.log = log
         self.num_images = len(index)
         self.classes = list(index.classes)
@@ -61,6 +63,7 @@ class Loader(ABC):
             raise DataError(f"start_step {start_step} is outside this epoch's 0..{len(batches)} batches")
         self.epoch = epoch
         self.start_step = start_step
+        self.image_size = self.sizes(epoch)
         self._batches = batches[start_step:]
 
     def __len__(self) -> int:
@@ -74,6 +77,10 @@ class Loader(ABC):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Decode and yield this epoch's batches (each backend's own pipeline)."""
 
+    @abstractmethod
+    def close(self) -> None:
+        """Release what the backend holds (worker processes, DALI pipelines); the loader is unusable after."""
+
     def _note_bad(self, path: str, reason: str) -> None:
         """Record a file that failed at run time (after passing the pre-scan)."""
         if all(path != p for p, _ in self.bad_files):
@@ -81,13 +88,17 @@ class Loader(ABC):
             self.log(f"data: {path} failed to decode ({reason}); substituted deterministically")
 
 
-def normalizer(device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """uint8 NHWC batch -> float32 NCHW (x/255 - mean) / std, computed on `device`."""
+def normalizer(device: torch.device, channels_last: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 NHWC batch -> float32 NCHW (x/255 - mean) / std, computed on `device`; with channels_last the
+    result is an NCHW view of NHWC memory (what a channels_last model wants, without another copy)."""
     scale = torch.tensor([1.0 / (255.0 * s) for s in STD], device=device).view(1, 3, 1, 1)
     shift = torch.tensor([m / s for m, s in zip(MEAN, STD, strict=True)], device=device).view(1, 3, 1, 1)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        out = torch.empty((x.shape[0], 3, x.shape[1], x.shape[2]), dtype=torch.float32, device=device)
+        if channels_last:
+            out = torch.empty(x.shape, dtype=torch.float32, device=device).permute(0, 3, 1, 2)
+        else:
+            out = torch.empty((x.shape[0], 3, x.shape[1], x.shape[2]), dtype=torch.float32, device=device)
         out.copy_(x.permute(0, 3, 1, 2))
         return out.mul_(scale).sub_(shift)
 

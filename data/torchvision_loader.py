@@ -42,42 +42,44 @@ def draft_scale(c: Crop, size: int) -> int:
 
 
 class Decoder(torch.utils.data.Dataset):
-    """Turns a batch of (dataset index, epoch) keys into uint8 images; runs inside workers."""
+    """Turns a batch of (dataset index, epoch, output size) keys into uint8 images; runs inside workers.
 
-    def __init__(self, index: SplitIndex, train: bool, seed: int, image_size: int, val_resize: int) -> None:
+    The size travels with each key (not as state set on the loader) because persistent workers hold their
+    own copy of this object: that is how progressive resizing reaches them."""
+
+    def __init__(self, index: SplitIndex, train: bool, seed: int, val_resize: int) -> None:
         self.index = index
         self.train = train
         self.seed = seed
-        self.size = image_size
         self.val_resize = val_resize
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def load(self, item: int, epoch: int, key: int) -> torch.Tensor:
-        """One image (HWC uint8) of dataset item `item`, augmented with the stream of index `key`."""
+    def load(self, item: int, epoch: int, key: int, size: int) -> torch.Tensor:
+        """One size x size image (HWC uint8) of dataset item `item`, augmented with the stream of index `key`."""
         path = self.index.path(item)
         if not self.train:
             with Image.open(path, formats=FORMATS) as im:
-                return torch.from_numpy(self._val(im))
+                return torch.from_numpy(self._val(im, size))
         width, height = int(self.index.widths[item]), int(self.index.heights[item])
         c = train_crop(self.seed, epoch, key, width, height)
         with Image.open(path, formats=FORMATS) as im:
             if im.size != (width, height):  # the file changed since it was indexed
                 c = train_crop(self.seed, epoch, key, *im.size)
-            scale = draft_scale(c, self.size) if im.format == "JPEG" else 1
+            scale = draft_scale(c, size) if im.format == "JPEG" else 1
             if scale > 1:
-                return torch.from_numpy(self._draft(im, c, scale))
+                return torch.from_numpy(self._draft(im, c, scale, size))
             region = (im if im.mode == "RGB" else im.convert("RGB")).crop((c.x, c.y, c.x + c.w, c.y + c.h))
             pixels = torch.from_numpy(np.array(region))
         # NHWC memory seen as NCHW (channels-last): torch's uint8 antialias kernel is fastest on it, and
         # its output is channels-last too, so the copy into the NHWC batch below is a plain memcpy
         nchw = pixels.unsqueeze(0).permute(0, 3, 1, 2)
-        out = F.interpolate(nchw, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        out = F.interpolate(nchw, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         hwc = out[0].permute(1, 2, 0)
         return hwc.flip(1) if c.flip else hwc
 
-    def _draft(self, im: Image.Image, c: Crop, scale: int) -> np.ndarray:
+    def _draft(self, im: Image.Image, c: Crop, scale: int, size: int) -> np.ndarray:
         """PIL decode at 1/scale, then resize the (now fractional) crop box."""
         full_width = im.width
         _, box = im.draft("RGB", (im.width // scale, im.height // scale))
@@ -86,29 +88,30 @@ class Decoder(torch.utils.data.Dataset):
         left, top = math.floor(c.x / s), math.floor(c.y / s)
         region = im.crop((left, top, math.ceil((c.x + c.w) / s), math.ceil((c.y + c.h) / s)))
         box = (c.x / s - left, c.y / s - top, (c.x + c.w) / s - left, (c.y + c.h) / s - top)
-        out = region.resize((self.size, self.size), Image.Resampling.BILINEAR, box=box)
+        out = region.resize((size, size), Image.Resampling.BILINEAR, box=box)
         if c.flip:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.array(out)
 
-    def _val(self, im: Image.Image) -> np.ndarray:
+    def _val(self, im: Image.Image, size: int) -> np.ndarray:
         w, h = val_resize_size(*im.size, self.val_resize)
-        left, top = center_crop_origin(w, h, self.size)
+        left, top = center_crop_origin(w, h, size)
         out = im.convert("RGB").resize((w, h), Image.Resampling.BILINEAR)
-        return np.array(out.crop((left, top, left + self.size, top + self.size)))
+        return np.array(out.crop((left, top, left + size, top + size)))
 
-    def __getitems__(self, keys: list[tuple[int, int]]):
+    def __getitems__(self, keys: list[tuple[int, int, int]]):
         """(uint8 NHWC batch, int64 labels, [(path, reason) of files that failed to decode])."""
-        out = torch.empty((len(keys), self.size, self.size, 3), dtype=torch.uint8)
+        size = keys[0][2]
+        out = torch.empty((len(keys), size, size, 3), dtype=torch.uint8)
         if torch.utils.data.get_worker_info() is not None:
             out.share_memory_()
         labels = torch.empty(len(keys), dtype=torch.int64)
         failed = []
-        for k, (item, epoch) in enumerate(keys):
+        for k, (item, epoch, _) in enumerate(keys):
             sub = item
             for _ in range(MAX_SUBSTITUTES):
                 try:
-                    out[k] = self.load(sub, epoch, key=item)
+                    out[k] = self.load(sub, epoch, key=item, size=size)
                     break
                 except DECODE_ERRORS as e:
                     failed.append((self.index.path(sub), f"{type(e).__name__}: {' '.join(str(e).split())}"))
@@ -125,15 +128,15 @@ def _as_batch(batch):
 
 
 class _Plan:
-    """batch_sampler for DataLoader: the loader's current batches as (index, epoch) keys."""
+    """batch_sampler for DataLoader: the loader's current batches as (index, epoch, size) keys."""
 
     def __init__(self, loader: Loader) -> None:
         self.loader = loader
 
     def __iter__(self):
-        epoch = self.loader.epoch
+        epoch, size = self.loader.epoch, self.loader.image_size
         for batch in self.loader._batches:
-            yield [(int(i), epoch) for i in batch]
+            yield [(int(i), epoch, size) for i in batch]
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -144,8 +147,8 @@ class TorchvisionLoader(Loader):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.decoder = Decoder(self.index, self.train, self.seed, self.image_size, self.val_resize)
-        self._normalize = normalizer(self.device)
+        self.decoder = Decoder(self.index, self.train, self.seed, self.val_resize)
+        self._normalize = normalizer(self.device, self.channels_last)
         self._dataloader = torch.utils.data.DataLoader(
             self.decoder, batch_sampler=_Plan(self), collate_fn=_as_batch, num_workers=self.workers,
             pin_memory=self.device.type == "cuda", persistent_workers=self.train and self.workers > 0,
@@ -158,3 +161,7 @@ class TorchvisionLoader(Loader):
                 self._note_bad(path, reason)
             images = images.to(self.device, non_blocking=True)
             yield self._normalize(images), labels.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        """Stop the persistent worker processes now rather than at garbage collection."""
+        self._dataloader = None

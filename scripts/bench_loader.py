@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data.cpus import available_cpus  # noqa: E402 - after the path set-up; torch-free
 
 SIZES = ((500, 375), (375, 500), (500, 333), (500, 400), (450, 350))
 
@@ -139,7 +140,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, help="dataset root holding train/<class>/*")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="workers/threads for every loader")
+    p.add_argument("--threads", type=int, default=available_cpus(), help="workers/threads for every loader")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seconds", type=float, default=15.0, help="measured seconds per loader and round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
@@ -165,7 +166,7 @@ def main() -> int:
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     torch.set_num_threads(max(1, args.threads))
     print(f"data {args.data}, threads {args.threads}, batch {args.batch_size}, device {device}, "
-          f"{args.seconds:g}s x {args.rounds} rounds, cpus {os.cpu_count()}")
+          f"{args.seconds:g}s x {args.rounds} rounds, cpus {available_cpus()}")
     with tempfile.TemporaryDirectory() as cache_dir:
         loaders = {n: standard_loader(args.data, args.threads, args.batch_size, device) if n == "standard"
                    else our_loader(args.data, n, args.threads, args.batch_size, device, cache_dir) for n in names}

@@ -85,7 +85,9 @@ def test_paper_recipe_configs(name: str) -> None:
     assert cfg["data"]["image_size"] == 224 and cfg["data"]["val_resize"] == 256
     assert cfg["optim"] == {"name": "momentum", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4,
                             "filter_bias_and_bn": False}
-    assert cfg["sched"] == {"milestones": [30, 60, 80], "gamma": 0.1, "warmup_epochs": 0}
+    assert cfg["sched"] == {"name": "step", "milestones": [30, 60, 80], "gamma": 0.1, "min_lr": 0.0,
+                            "warmup_epochs": 0}
+    assert cfg["data"]["progressive"]["start_size"] is None and cfg["data"]["val_image_size"] is None
     assert (cfg["train"]["label_smoothing"], cfg["train"]["mixup_alpha"], cfg["train"]["cutmix_alpha"],
             cfg["train"]["ema_decay"]) == (0, 0, 0, 0)
     assert scaled_lr(cfg) == pytest.approx(0.1)

@@ -81,10 +81,12 @@ def root(tmp_path_factory):
     return root
 
 
-def loader(root, tmp_path, backend, split, batch_size=2, rank=0, world_size=1, workers=0, seed=7, log=None):
-    cfg = {"root": str(root), "backend": backend, "workers": workers, "image_size": 224, "val_resize": 256}
+def loader(root, tmp_path, backend, split, batch_size=2, rank=0, world_size=1, workers=0, seed=7, log=None,
+           channels_last=False, **extra):
+    cfg = {"root": str(root), "backend": backend, "workers": workers, "image_size": 224, "val_resize": 256, **extra}
     return build_loader(cfg, split, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
-                        device="cpu", cache_dir=tmp_path / "cache", log=log or (lambda _: None))
+                        device="cpu", cache_dir=tmp_path / "cache", channels_last=channels_last,
+                        log=log or (lambda _: None))
 
 
 def run(ld, epoch=0, start_step=0):
@@ -103,20 +105,20 @@ def val_reference(path) -> torch.Tensor:
     return tf(Image.open(path).convert("RGB"))
 
 
-def train_reference(path, seed, epoch, item, pil=False) -> torch.Tensor:
+def train_reference(path, seed, epoch, item, pil=False, size=224) -> torch.Tensor:
     """torchvision's resized_crop + hflip with our window, on a uint8 tensor image (or on the PIL image)."""
     img = Image.open(path).convert("RGB")
     c = train_crop(seed, epoch, item, *img.size)
     img = img if pil else F.to_image(img)
-    out = F.resized_crop(img, c.y, c.x, c.h, c.w, [224, 224], T.InterpolationMode.BILINEAR, antialias=True)
+    out = F.resized_crop(img, c.y, c.x, c.h, c.w, [size, size], T.InterpolationMode.BILINEAR, antialias=True)
     out = F.horizontal_flip(out) if c.flip else out
     return to_tensor(out) if pil else F.normalize(out.float() / 255, MEAN, STD)
 
 
-def drafted(path, seed, epoch, item) -> bool:
+def drafted(path, seed, epoch, item, size=224) -> bool:
     """Whether the torchvision backend decodes this sample with PIL's draft mode."""
     with Image.open(path) as im:
-        return draft_scale(train_crop(seed, epoch, item, *im.size), 224) > 1
+        return draft_scale(train_crop(seed, epoch, item, *im.size), size) > 1
 
 
 def assert_close_to(x: torch.Tensor, ref: torch.Tensor, exact: bool, what: str, bounds=None) -> None:
@@ -196,14 +198,92 @@ def test_train_backends_agree(root, tmp_path):
         assert_close_to(images[1][k], images[0][k], False, f"dali_cpu vs torchvision, item {item}", bounds)
 
 
+PROGRESSIVE = {"image_size": 224, "progressive": {"start_size": 160, "start_epoch": 0, "end_epoch": 2, "multiple": 32}}
+SIZES = [160, 192, 224, 224]  # epochs 0..3: linear 160 -> 224 over epochs 0..2, rounded to multiples of 32
+
+
+def test_dali_pipeline_built_once_follows_epochs_sizes_and_the_torchvision_order(root, tmp_path):
+    """One dali_cpu pipeline (its external_source in 2 worker processes) serves four train epochs of three
+    sizes and four evaluations; every epoch's order, labels and crops equal the torchvision backend's."""
+    dali = loader(root, tmp_path, "dali_cpu", "train", batch_size=3, workers=4, **PROGRESSIVE)
+    tv = loader(root, tmp_path, "torchvision", "train", batch_size=3, workers=0, **PROGRESSIVE)
+    val = loader(root, tmp_path, "dali_cpu", "val", batch_size=3, workers=2)
+    val_once = torch.cat([x for x, _ in run(val)])
+    for epoch, size in enumerate(SIZES):
+        got, ref = run(dali, epoch), run(tv, epoch)
+        assert dali.image_size == tv.image_size == size
+        assert [x.shape for x, _ in got] == [x.shape for x, _ in ref] == [(3, 3, size, size)] * len(ref)
+        assert torch.equal(torch.cat([y for _, y in got]), torch.cat([y for _, y in ref]))
+        for k, item in enumerate(np.concatenate(tv.indices())):
+            x, r = torch.cat([x for x, _ in got])[k], torch.cat([x for x, _ in ref])[k]
+            path = tv.index.path(int(item))
+            bounds = DRAFT_BOUNDS if drafted(path, 7, epoch, int(item), size) else None
+            assert_close_to(x, r, False, f"epoch {epoch} size {size} item {item}", bounds)
+        assert torch.equal(torch.cat([x for x, _ in run(val)]), val_once)
+    assert dali.builds == 1 and val.builds == 1
+    run(dali, 1, start_step=2)  # a jump (a resume elsewhere) rebuilds; the next epoch reuses that pipeline
+    run(dali, 2)
+    assert dali.builds == 2
+    dali.close()
+    val.close()
+    assert dali._pipe is None and val._pipe is None
+
+
+@pytest.mark.cuda
+def test_gpu_dali_pipeline_built_once_with_sizes_order_and_channels_last(root, tmp_path):
+    """The `dali` backend (GPU decode): one pipeline over epochs of changing size, the torchvision order and
+    labels, NHWC channels_last float batches on the device, pixels near the CPU decode."""
+    pytest.importorskip("nvidia.dali")
+    cfg = {"root": str(root), "backend": "dali", "workers": 2, "image_size": 224, "val_resize": 256, **PROGRESSIVE}
+    gpu = build_loader(cfg, "train", batch_size=3, rank=0, world_size=1, seed=7, device="cuda",
+                       cache_dir=tmp_path / "cache", channels_last=True, log=lambda _: None)
+    tv = loader(root, tmp_path, "torchvision", "train", batch_size=3, **PROGRESSIVE)
+    for epoch, size in enumerate(SIZES):
+        got, ref = run(gpu, epoch), run(tv, epoch)
+        assert all(x.is_cuda and x.dtype == torch.float32 and x.shape == (3, 3, size, size)
+                   and x.is_contiguous(memory_format=torch.channels_last) for x, _ in got)
+        assert torch.equal(torch.cat([y for _, y in got]).cpu(), torch.cat([y for _, y in ref]))
+        diff = (torch.cat([x for x, _ in got]).cpu() - torch.cat([x for x, _ in ref])).abs()
+        assert diff.mean() < 0.02, f"epoch {epoch}: mean {diff.mean():.4f}"
+    assert gpu.builds == 1
+    gpu.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_is_a_view_of_the_same_values(root, tmp_path, backend):
+    plain = torch.cat([x for x, _ in run(loader(root, tmp_path, backend, "val", batch_size=4))])
+    nhwc = run(loader(root, tmp_path, backend, "val", batch_size=4, channels_last=True))
+    assert all(x.is_contiguous(memory_format=torch.channels_last) and x.dtype == torch.float32 for x, _ in nhwc)
+    assert torch.equal(torch.cat([x for x, _ in nhwc]), plain)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_val_image_size_is_used(root, tmp_path, backend):
+    ld = loader(root, tmp_path, backend, "val", batch_size=4, val_image_size=288, val_resize=320, **PROGRESSIVE)
+    images = torch.cat([x for x, _ in run(ld)])
+    assert images.shape == (len(VAL), 3, 288, 288)
+    for k, item in enumerate(np.concatenate(ld.indices())):
+        path = ld.index.path(int(item))
+        tf = T.Compose([T.Resize(320), T.CenterCrop(288), T.ToTensor(), T.Normalize(MEAN, STD)])
+        assert_close_to(images[k], tf(Image.open(path).convert("RGB")), backend == "torchvision", path)
+
+
+def test_progressive_sizes_must_be_multiples(root, tmp_path):
+    bad = {"image_size": 224, "progressive": {"start_size": 150, "start_epoch": 0, "end_epoch": 2, "multiple": 32}}
+    with pytest.raises(DataError, match="start_size.*multiple"):
+        loader(root, tmp_path, "torchvision", "train", **bad)
+    with pytest.raises(DataError, match="val_resize"):
+        loader(root, tmp_path, "torchvision", "val", val_image_size=288)
+
+
 def test_draft_mode_for_large_jpegs_keeps_semantics(root, tmp_path):
     """A crop that shrinks >= 4x is decoded at 1/2 scale; the result stays near a full decode."""
     ld = loader(root, tmp_path, "torchvision", "train")
     item = next(i for i in range(ld.num_images) if ld.index.relpath(i).endswith("/d.JPEG"))
     path = ld.index.path(item)
     key = next(k for k in range(1000) if drafted(path, 7, 0, k))
-    decoder = Decoder(ld.index, True, 7, 224, 256)
-    image = F.normalize(decoder.load(item, 0, key).permute(2, 0, 1).float() / 255, MEAN, STD)
+    decoder = Decoder(ld.index, True, 7, 256)
+    image = F.normalize(decoder.load(item, 0, key, 224).permute(2, 0, 1).float() / 255, MEAN, STD)
     assert_close_to(image, train_reference(path, 7, 0, key, pil=True), False, "drafted", DRAFT_BOUNDS)
 
 
@@ -306,29 +386,36 @@ def test_config_errors_are_one_line(root, tmp_path):
 RANK_SCRIPT = """
 import json, sys, torch, torch.distributed as dist
 from data import build_loader
-dist.init_process_group("gloo")
-rank, world = dist.get_rank(), dist.get_world_size()
-root, cache, out = sys.argv[1:4]
-classifier = torch.nn.Linear(3, 3)
-torch.nn.init.normal_(classifier.weight, generator=torch.Generator().manual_seed(0))
-torch.nn.init.zeros_(classifier.bias)
-result = {}
-for backend in ("torchvision", "dali_cpu"):
-    cfg = {"root": root, "backend": backend, "workers": 1, "image_size": 224, "val_resize": 256}
-    kw = dict(batch_size=2, rank=rank, world_size=world, seed=7, device="cpu", cache_dir=cache, log=lambda _: None)
-    val = build_loader(cfg, "val", **kw)
-    sums = torch.zeros(3)  # top-1 hits, top-2 hits, images: what the trainer all-reduces
-    for images, labels in val:
-        top = classifier(images.mean(dim=(2, 3))).topk(2, dim=1).indices
-        sums += torch.tensor([(top[:, 0] == labels).sum(), (top == labels[:, None]).any(1).sum(), len(labels)])
-    dist.all_reduce(sums)
-    train = build_loader(cfg, "train", **kw)
-    lengths = [None] * world
-    dist.all_gather_object(lengths, len(train))
-    result[backend] = {"sums": sums.tolist(), "train_lengths": lengths}
-if rank == 0:
-    json.dump(result, open(out, "w"))
-dist.destroy_process_group()
+
+
+def main():
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    root, cache, out = sys.argv[1:4]
+    classifier = torch.nn.Linear(3, 3)
+    torch.nn.init.normal_(classifier.weight, generator=torch.Generator().manual_seed(0))
+    torch.nn.init.zeros_(classifier.bias)
+    result = {}
+    for backend in ("torchvision", "dali_cpu"):
+        cfg = {"root": root, "backend": backend, "workers": 1, "image_size": 224, "val_resize": 256}
+        kw = dict(batch_size=2, rank=rank, world_size=world, seed=7, device="cpu", cache_dir=cache, log=lambda _: None)
+        val = build_loader(cfg, "val", **kw)
+        sums = torch.zeros(3)  # top-1 hits, top-2 hits, images: what the trainer all-reduces
+        for images, labels in val:
+            top = classifier(images.mean(dim=(2, 3))).topk(2, dim=1).indices
+            sums += torch.tensor([(top[:, 0] == labels).sum(), (top == labels[:, None]).any(1).sum(), len(labels)])
+        dist.all_reduce(sums)
+        train = build_loader(cfg, "train", **kw)
+        lengths = [None] * world
+        dist.all_gather_object(lengths, len(train))
+        result[backend] = {"sums": sums.tolist(), "train_lengths": lengths}
+    if rank == 0:
+        json.dump(result, open(out, "w"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # the DALI loaders spawn worker processes, which import this file
+    main()
 """
 
 

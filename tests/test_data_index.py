@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -199,3 +200,45 @@ def test_big_scans_in_processes_agree_with_in_process_scans(tmp_path, monkeypatc
     for field in ("paths", "labels", "widths", "heights"):
         assert np.array_equal(getattr(big, field), getattr(small, field)), field
     assert big.bad_files == small.bad_files and len(big.bad_files) == 1
+
+
+def test_workers_and_scan_pool_follow_the_cpus_the_job_has(tmp_path, monkeypatch):
+    """data.workers null: the CPUs this process may use (affinity, SLURM's per-task count) shared among the
+    node's ranks, one kept for each rank; the index scan's pool uses the same count, never os.cpu_count()."""
+    from data import build_loader
+    from data.cpus import available_cpus, default_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 256)  # the whole machine: must not matter
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)))
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert (available_cpus(), default_workers()) == (16, 3)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")
+    assert (available_cpus(), default_workers()) == (8, 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert default_workers() == 1  # at least one
+
+    tree(tmp_path / "d", {"val": {"n1": ["a.JPEG", "b.JPEG"], "n2": ["c.JPEG"]}})
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    cfg = {"root": str(tmp_path / "d"), "backend": "torchvision", "workers": None}
+    ld = build_loader(cfg, "val", batch_size=1, rank=0, world_size=1, seed=0, device="cpu",
+                      cache_dir=tmp_path / "c0", log=lambda _: None)
+    assert ld.workers == 3  # 8 CPUs / 2 ranks - 1
+    assert build_loader({**cfg, "workers": 5}, "val", batch_size=1, rank=0, world_size=1, seed=0, device="cpu",
+                        cache_dir=tmp_path / "c0", log=lambda _: None).workers == 5
+
+    pools = []
+
+    def recording_pool(processes, **kwargs):
+        pools.append(processes)
+        return ProcessPoolExecutor(processes, **kwargs)
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1, 2})
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    monkeypatch.setattr("data.index.ProcessPoolExecutor", recording_pool)
+    monkeypatch.setattr("data.index.PROCESS_MIN_FILES", 1)
+    monkeypatch.setattr("data.index.PROCESS_MIN_CLASSES", 1)
+    monkeypatch.setattr("data.index.CLASS_CHUNK", 1)
+    monkeypatch.setattr("data.index.SCAN_CHUNK", 1)
+    load_index(tmp_path / "d", "val", tmp_path / "c1", lambda _: None)
+    assert pools and set(pools) == {3}

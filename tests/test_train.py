@@ -32,7 +32,8 @@ from train_utils import (
 
 STEPS = 12  # 48 good train images / global batch 4
 EPOCHS = 3
-ROW_KEYS = {"epoch", "step", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_sec", "epoch_time"}
+ROW_KEYS = {"epoch", "step", "lr", "image_size", "train_loss", "val_loss", "val_top1", "val_top5", "images_per_sec",
+            "epoch_time"}
 # The resume scenarios switch on the recipe extras, so exactness covers the GradScaler, the EMA weights and
 # the RNG streams they draw from (mixup/cutmix use numpy's, per rank).
 EXTRAS_1 = ("train.amp=fp16", "train.mixup_alpha=0.2", "train.cutmix_alpha=1.0", "train.label_smoothing=0.1",

@@ -58,9 +58,19 @@ SCHEMA: dict[str, Option] = {
     "output_dir": Option(None, str, "run folder; null = runs/<config file name>", nullable=True),
     "data.root": Option(None, str, "dataset root holding train/<wnid>/ and val/<wnid>/", nullable=True),
     "data.backend": Option("torchvision", str, "input pipeline", choices=("dali", "dali_cpu", "torchvision")),
-    "data.workers": Option(8, int, "loader threads/processes per rank", minimum=0),
-    "data.image_size": Option(224, int, "train crop and val crop size", minimum=8),
+    "data.workers": Option(None, int, "loader threads/processes per rank; null = the CPUs this job may use "
+                           "(affinity, SLURM allocation) shared among the ranks of the node", minimum=0,
+                           nullable=True),
+    "data.image_size": Option(224, int, "train crop size (the final one with progressive resizing)", minimum=8),
+    "data.val_image_size": Option(None, int, "val center-crop size; null = data.image_size", minimum=8,
+                                  nullable=True),
     "data.val_resize": Option(256, int, "val: shorter side resized to this before the center crop", minimum=8),
+    "data.progressive.start_size": Option(None, int, "progressive resizing: train size up to start_epoch; "
+                                          "null = off (always data.image_size)", minimum=8, nullable=True),
+    "data.progressive.start_epoch": Option(0, int, "progressive resizing: last epoch at start_size", minimum=0),
+    "data.progressive.end_epoch": Option(0, int, "progressive resizing: first epoch at data.image_size", minimum=0),
+    "data.progressive.multiple": Option(32, int, "progressive resizing: sizes are rounded to a multiple of this",
+                                        minimum=1),
     "data.cache_dir": Option(None, str, "file-index cache folder; null = the data package's default",
                              nullable=True),
     "train.epochs": Option(90, int, "epochs to train", minimum=1),
@@ -80,8 +90,11 @@ SCHEMA: dict[str, Option] = {
     "optim.momentum": Option(0.9, float, "momentum", minimum=0.0, maximum=1.0),
     "optim.weight_decay": Option(1e-4, float, "weight decay", minimum=0.0),
     "optim.filter_bias_and_bn": Option(False, bool, "exempt biases and norm weights from weight decay"),
+    "sched.name": Option("step", str, "lr schedule: step (sched.milestones/gamma, the paper's) or cosine (timm's "
+                         "CosineLRScheduler per step down to sched.min_lr)", choices=("step", "cosine")),
     "sched.milestones": Option([30, 60, 80], list, "epochs at which the lr is multiplied by sched.gamma"),
     "sched.gamma": Option(0.1, float, "lr decay factor at each milestone", minimum=0.0),
+    "sched.min_lr": Option(0.0, float, "cosine: lr at the end of the last epoch", minimum=0.0),
     "sched.warmup_epochs": Option(0, int, "linear lr warmup from 0 over this many epochs (per step)", minimum=0),
     "checkpoint.every_steps": Option(1000, int, "steps between checkpoints/last.pth writes; 0 = epoch ends only",
                                      minimum=0),
@@ -225,6 +238,9 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[
     milestones = values["sched.milestones"]
     if any(m < 0 for m in milestones) or milestones != sorted(milestones):
         raise ConfigError(f"sched.milestones={milestones} is not allowed: expected increasing epochs >= 0")
+    if values["sched.name"] == "cosine" and values["sched.warmup_epochs"] >= values["train.epochs"]:
+        raise ConfigError(f"sched.warmup_epochs={values['sched.warmup_epochs']} leaves no epoch for the cosine "
+                          f"decay of train.epochs={values['train.epochs']}")
     if values["output_dir"] is None:
         values["output_dir"] = str(Path("runs") / (Path(path).stem if path is not None else "default"))
     return _nest(values)

@@ -270,9 +270,11 @@ def evaluate(model: nn.Module, loader: Loader, d: Dist,
                       torch.cat(kept) if kept else None)
 
 
-def epoch_row(state: TrainState, lr: float, val: EvalResult, ema_val: EvalResult | None) -> dict[str, Any]:
-    """The epoch's line of metrics.jsonl (top-1/top-5 in percent, times in seconds)."""
-    row = {"epoch": state.epoch, "step": state.global_step, "lr": lr, "train_loss": state.loss_sum / max(state.step, 1),
+def epoch_row(state: TrainState, lr: float, val: EvalResult, ema_val: EvalResult | None,
+              image_size: int) -> dict[str, Any]:
+    """The epoch's line of metrics.jsonl (top-1/top-5 in percent, times in seconds, the epoch's train size)."""
+    row = {"epoch": state.epoch, "step": state.global_step, "lr": lr, "image_size": image_size,
+           "train_loss": state.loss_sum / max(state.step, 1),
            "val_loss": val.loss, "val_top1": val.top1, "val_top5": val.top5,
            "images_per_sec": state.images / max(state.seconds, 1e-9), "epoch_time": state.seconds + val.seconds}
     if ema_val is not None:
@@ -284,4 +286,4 @@ def describe_row(row: dict[str, Any]) -> str:
     ema = f", EMA top-1 {row['val_top1_ema']:.2f}%" if "val_top1_ema" in row else ""
     return (f"epoch {row['epoch']} done: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
             f"top-1 {row['val_top1']:.2f}%, top-5 {row['val_top5']:.2f}%{ema}, {row['images_per_sec']:.1f} img/s, "
-            f"{row['epoch_time']:.1f} s")
+            f"{row['epoch_time']:.1f} s, trained at {row['image_size']} px")

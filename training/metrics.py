@@ -71,6 +71,8 @@ class Metrics:
             if key in row:
                 self.tb.add_scalar(key.replace("val_", "val/", 1), row[key], row["step"])
         self.tb.add_scalar("epoch/train_loss", row["train_loss"], row["step"])
+        self.tb.add_scalar("epoch/lr", row["lr"], row["step"])
+        self.tb.add_scalar("epoch/image_size", row["image_size"], row["step"])
         self.tb.add_scalar("epoch/images_per_sec", row["images_per_sec"], row["step"])
         self.tb.flush()
 
