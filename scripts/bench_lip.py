@@ -243,9 +243,17 @@ def bench_cuda(args: argparse.Namespace) -> dict:
     shape = tuple(args.shape)
     results = [bench_cuda_config(shape, dtype, cl, args.repeats, args.iters)
                for dtype, cl in ((torch.bfloat16, True), (torch.float32, False))]
-    return {"device": "cuda", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "shape": args.shape, "backend": lip_backend("cuda"), "repeats": args.repeats, "iters": args.iters,
-            "configs": results}
+    summary = {"device": "cuda", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "shape": args.shape, "backend": lip_backend("cuda"), "repeats": args.repeats, "iters": args.iters,
+               "configs": results}
+    if lip_backend("cuda") == "triton":  # the tiles triton.autotune picked, per problem key
+        from models import lip_triton
+
+        summary["tiles"] = {kind: {str(key): str(config) for key, config in tuned.cache.items()}
+                            for kind, tuned in (("forward", lip_triton._forward_tuned),
+                                                ("backward", lip_triton._backward_tuned))}
+        print("\nautotuned tiles:", json.dumps(summary["tiles"], indent=1))
+    return summary
 
 
 def main() -> int:

@@ -97,6 +97,26 @@ def test_matches_float64_formula(dtype, geometry, layout, form, logits):
         assert err <= TOL[dtype] * scale, (name, err, scale)
 
 
+@pytest.mark.parametrize("case", ["bf16-channels_last-gated", "fp32-nchw-plain"])
+def test_autotuned_kernels_on_a_large_input(case):
+    """Inputs large enough that both directions run the autotuned tiles, against the float64 formula."""
+    dtype = torch.bfloat16 if case.startswith("bf16") else torch.float32
+    fmt = torch.channels_last if "channels_last" in case else torch.contiguous_format
+    gen = torch.Generator(device=DEV).manual_seed(6)
+    x = torch.randn(4, 64, 128, 128, generator=gen, device=DEV).to(dtype).contiguous(memory_format=fmt)
+    t = (3 * torch.randn(x.shape, generator=gen, device=DEV)).to(dtype).contiguous(memory_format=fmt)
+    x.requires_grad_()
+    t.requires_grad_()
+    gated = case.endswith("gated")
+    y = gated_lip2d(x, t) if gated else lip2d(x, t)
+    g = torch.randn(y.shape, generator=gen, device=DEV).to(dtype)
+    for name, ours, truth in zip(("out", "dx", "dlogit"), (y, *torch.autograd.grad(y, (x, t), g)),
+                                 cpu_reference(x, t, g, gated, 3, 2, 1), strict=True):
+        assert ours.is_contiguous(memory_format=fmt), name
+        err = (ours.cpu().double() - truth).abs().max().item()
+        assert err <= TOL[dtype] * truth.abs().max().item(), (name, err)
+
+
 @pytest.mark.parametrize("form", ["plain", "gated"])
 def test_torch_backend_channels_last_padded(monkeypatch, form):
     """The pure-PyTorch path on CUDA, channels_last with padding: CUDA's channels_last avg_pool2d backward
