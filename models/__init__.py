@@ -4,6 +4,9 @@
     model = create_model("lip_resnet50")            # or lip_resnet101, lip_densenet121,
     load_checkpoint(model, "lip_resnet-50.pth.tar")  # resnet50, resnet101, densenet121
 
+`lipify(model)` puts LIP into any CNN (models/lipify.py); `lip_resnet18`, `lip_efficientnet_b0`,
+`lip_convnext_atto` and `lip_vgg11_bn` are timm models converted that way.
+
 Importing this package registers the LIP models with timm (`timm.create_model("lip_resnet50")`). The
 baselines are not re-registered: timm's own resnet50/resnet101/densenet121 have the torchvision key layout
 and forward pass already (tests check that our checkpoints load into them and give the same logits), and
@@ -18,10 +21,13 @@ import torchvision
 from torch import nn
 
 from . import lip_densenet, lip_resnet
+from . import lipify as _lipify_module
 from .checkpoint import CheckpointError, load_checkpoint
 from .layers import LIPPool, importance_maps
+from .lipify import lipify
 
-__all__ = ["CheckpointError", "LIPPool", "create_model", "importance_maps", "list_models", "load_checkpoint"]
+__all__ = ["CheckpointError", "LIPPool", "create_model", "importance_maps", "lipify", "list_models",
+           "load_checkpoint"]
 
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "lip_resnet50": lip_resnet.lip_resnet50,
@@ -31,6 +37,7 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "resnet101": torchvision.models.resnet101,
     "densenet121": torchvision.models.densenet121,
     "lip_resnet_tiny": lip_resnet.lip_resnet_tiny,
+    **{name: getattr(_lipify_module, name) for name in _lipify_module.LIPIFIED},
 }
 
 

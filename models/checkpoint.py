@@ -63,13 +63,15 @@ def _listing(keys: list[str], limit: int = 5) -> str:
     return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, entry: str | None = None) -> dict[str, Any]:
+def load_checkpoint(model: nn.Module, path: str | Path, entry: str | None = None,
+                    ignore: tuple[str, ...] = ()) -> dict[str, Any]:
     """Load weights into `model` (DDP-wrapped or not) from `path`; returns the whole checkpoint dict.
 
     Accepts `{'state_dict': {'module.' + key: ...}}` (the authors' release), a bare state_dict and our
     training checkpoints (`{'model': state_dict, ...}`); `entry` picks another state_dict of ours instead,
     e.g. 'model_ema'. Missing, unexpected or mis-shaped keys raise `CheckpointError` before any weight is
-    copied, so a model is never left half-loaded.
+    copied, so a model is never left half-loaded. Keys starting with a prefix in `ignore` are skipped on
+    both sides (e.g. ("fc.",) to take an ImageNet backbone).
     """
     ckpt = read_checkpoint(path)
     if entry is not None:
@@ -80,6 +82,9 @@ def load_checkpoint(model: nn.Module, path: str | Path, entry: str | None = None
         state = extract_state_dict(ckpt, path)
     target = getattr(model, "module", model)
     expected = target.state_dict()
+    if ignore:
+        state = {k: v for k, v in state.items() if not k.startswith(ignore)}
+        expected = {k: v for k, v in expected.items() if not k.startswith(ignore)}
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
@@ -93,5 +98,5 @@ def load_checkpoint(model: nn.Module, path: str | Path, entry: str | None = None
         problems.append(f"{len(shapes)} mis-shaped: {_listing(shapes, 3)}")
     if problems:
         raise CheckpointError(f"{path}: does not match {type(target).__name__}: " + "; ".join(problems))
-    target.load_state_dict(state, strict=True)
+    target.load_state_dict(state, strict=not ignore)
     return ckpt

@@ -32,6 +32,15 @@ class LIPDenseNet(DenseNet):
         for module in self.features.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight)
+        # the stages timm's features_only returns: the stem after ReLU (before the stem LIP), each dense
+        # block before its transition pools it, and the final norm
+        self.feature_info = [dict(num_chs=num_init_features, reduction=2, module="features.relu0")]
+        channels = num_init_features
+        for i, layers in enumerate(block_config):
+            channels += layers * growth_rate
+            name = f"features.denseblock{i + 1}" if i < len(block_config) - 1 else "features.norm5"
+            self.feature_info.append(dict(num_chs=channels, reduction=4 * 2 ** i, module=name))
+            channels //= 2
 
     def get_classifier(self) -> nn.Module:
         return self.classifier
@@ -46,4 +55,5 @@ default_cfgs = generate_default_cfgs({
 @register_model
 def lip_densenet121(pretrained: bool = False, **kwargs: object) -> LIPDenseNet:
     """LIP-DenseNet-121 (8.7M params, 76.64 top-1 in the paper)."""
-    return build_model_with_cfg(LIPDenseNet, "lip_densenet121", pretrained, **kwargs)
+    return build_model_with_cfg(LIPDenseNet, "lip_densenet121", pretrained,
+                                feature_cfg=dict(flatten_sequential=True), **kwargs)

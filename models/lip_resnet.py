@@ -92,6 +92,10 @@ class LIPResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.num_features = width * 8 * Bottleneck.expansion
         self.fc = nn.Linear(self.num_features, num_classes)
+        # the stages timm's features_only returns (stem after ReLU, then each layer's output)
+        self.feature_info = [dict(num_chs=width, reduction=2, module="relu")] + [
+            dict(num_chs=width * 2 ** i * Bottleneck.expansion, reduction=4 * 2 ** i, module=f"layer{i + 1}")
+            for i in range(4)]
         self._init_weights()
 
     def _make_layer(self, planes: int, blocks: int, stride: int, logit_width: int) -> nn.Sequential:
