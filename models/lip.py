@@ -131,7 +131,13 @@ def _window_sums(v: torch.Tensor, k: int, s: int, p: int) -> torch.Tensor:
 
 
 def _spread(v: torch.Tensor, like: torch.Tensor, k: int, s: int, p: int) -> torch.Tensor:
-    """Adjoint of _window_sums: every input gathers the values of the windows it lies in."""
+    """Adjoint of _window_sums: every input gathers the values of the windows it lies in.
+
+    CUDA's channels_last avg_pool2d backward ignores the padding in some torch versions (silently wrong,
+    https://github.com/pytorch/pytorch/issues/188344), so on CUDA with padding it runs on NCHW tensors.
+    """
+    if v.is_cuda and p > 0:
+        v, like = v.contiguous(), like.contiguous()
     return torch.ops.aten.avg_pool2d_backward(v, like, [k, k], [s, s], [p, p], False, True, 1)
 
 
@@ -322,11 +328,14 @@ def _setup_context(ctx, inputs, output) -> None:
     x, t, coeff, gated, k, s, p = inputs
     out, out_exact, state, aux = output
     ctx.mark_non_differentiable(out_exact, state, aux)
+    ctx.set_materialize_grads(False)  # else autograd allocates zero gradients for the three state outputs
     ctx.save_for_backward(x, t, out, out_exact, state, aux)
     ctx.params = (coeff, gated, k, s, p)
 
 
 def _grad(ctx, grad, *_unused):
+    if grad is None:  # only the state outputs received gradients: they are constants
+        return None, None, None, None, None, None, None
     x, t, out, out_exact, state, aux = ctx.saved_tensors
     dx, dt = torch.ops.lip.backward(grad, x, t, out, out_exact, state, aux, *ctx.params)
     return dx, dt, None, None, None, None, None

@@ -167,6 +167,7 @@ def bench_cuda_config(shape: tuple[int, ...], dtype: torch.dtype, channels_last:
             end.synchronize()
             times[name].append(start.elapsed_time(end) / iters)
     ms = {name: statistics.median(t) for name, t in times.items()}
+    split = split_times(tensors, repeats, iters)
     dname = str(dtype).removeprefix("torch.")
     layout = "channels_last" if channels_last else "NCHW"
     print(f"\nLIP forward+backward on {torch.cuda.get_device_name()}, shape {shape} {dname} {layout}, k{K} s{S} p{P}, "
@@ -176,14 +177,64 @@ def bench_cuda_config(shape: tuple[int, ...], dtype: torch.dtype, channels_last:
         saved_mb = f"{saved[name]:9.1f}" if name in saved else f"{'-':>9}"
         print(f"{name:<15} {ms[name]:8.3f} {ms[name] / ms['avg_pool2d']:10.2f} {ms['naive'] / ms[name]:11.2f} "
               f"{peak[name]:9.1f} {saved_mb}")
+    print(f"{'direction':<21} {'ms':>8} {'MB moved':>9} {'GB/s':>7}   (MB: each tensor read or written once)")
+    for name, (fwd_ms, bwd_ms, fwd_mb, bwd_mb) in split.items():
+        print(f"{name + ' forward':<21} {fwd_ms:8.3f} {fwd_mb:9.1f} {fwd_mb * MB / fwd_ms / 1e6:7.0f}")
+        print(f"{name + ' backward':<21} {bwd_ms:8.3f} {bwd_mb:9.1f} {bwd_mb * MB / bwd_ms / 1e6:7.0f}")
     return {
         "dtype": dname, "channels_last": channels_last,
         **{f"{name}_ms": round(value, 4) for name, value in ms.items()},
         **{f"ratio_{name}": round(ms[name] / ms["avg_pool2d"], 3) for name in cases if name != "avg_pool2d"},
         **{f"speedup_vs_naive_{name}": round(ms["naive"] / ms[name], 3) for name in ("lip2d", "gated_lip2d")},
+        **{f"{name}_forward_ms": round(v[0], 4) for name, v in split.items()},
+        **{f"{name}_backward_ms": round(v[1], 4) for name, v in split.items()},
+        **{f"{name}_forward_gbps": round(v[2] * MB / v[0] / 1e6) for name, v in split.items()},
+        **{f"{name}_backward_gbps": round(v[3] * MB / v[1] / 1e6) for name, v in split.items()},
         "peak_mb": {name: round(v, 1) for name, v in peak.items()},
         "saved_mb": {name: round(v, 1) for name, v in saved.items()},
     }
+
+
+def split_times(tensors: tuple, repeats: int, iters: int) -> dict[str, tuple[float, float, float, float]]:
+    """Per op: median forward ms, backward ms, and the MB each direction must read and write at least.
+
+    Forward = the op with autograd recording; backward = torch.autograd.grad on a kept graph. Forward moves
+    x, the logit and the op's outputs (the result and the state saved for backward); backward reads x, the
+    logit, the incoming gradient and the saved state and writes both gradients.
+    """
+    x, z, logit, grad = tensors
+    ops = {"avg_pool2d": (lambda: F.avg_pool2d(x, K, S, P), (x,)),
+           "lip2d": (lambda: lip2d(x, logit, K, S, P), (x, logit)),
+           "gated_lip2d": (lambda: gated_lip2d(x, z, 12.0, K, S, P), (x, z))}
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def timed(fn: Callable[[], object]) -> float:
+        samples = []
+        for _ in range(repeats):
+            start.record()
+            for _ in range(iters):
+                fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / iters)
+        return statistics.median(samples)
+
+    result = {}
+    for name, (op, inputs) in ops.items():
+        y = op()
+        fwd_ms = timed(op)
+        bwd_ms = timed(lambda y=y, inputs=inputs: torch.autograd.grad(y, inputs, grad, retain_graph=True))
+        in_bytes = sum(v.nbytes for v in inputs)
+        if name == "avg_pool2d":
+            fwd, bwd = x.nbytes + y.nbytes, grad.nbytes + x.nbytes
+        else:
+            gated = name == "gated_lip2d"
+            outs = torch.ops.lip.forward(x, z if gated else logit, 12.0 if gated else 0.0, gated, K, S, P)
+            state = sum(v.nbytes for v in outs)
+            fwd = in_bytes + state
+            bwd = 2 * in_bytes + grad.nbytes + state - (outs[0].nbytes if outs[1].numel() else 0)
+        result[name] = (fwd_ms, bwd_ms, fwd / MB, bwd / MB)
+    return result
 
 
 def bench_cuda(args: argparse.Namespace) -> dict:
@@ -192,9 +243,17 @@ def bench_cuda(args: argparse.Namespace) -> dict:
     shape = tuple(args.shape)
     results = [bench_cuda_config(shape, dtype, cl, args.repeats, args.iters)
                for dtype, cl in ((torch.bfloat16, True), (torch.float32, False))]
-    return {"device": "cuda", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "shape": args.shape, "backend": lip_backend("cuda"), "repeats": args.repeats, "iters": args.iters,
-            "configs": results}
+    summary = {"device": "cuda", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "shape": args.shape, "backend": lip_backend("cuda"), "repeats": args.repeats, "iters": args.iters,
+               "configs": results}
+    if lip_backend("cuda") == "triton":  # the tiles triton.autotune picked, per problem key
+        from models import lip_triton
+
+        summary["tiles"] = {kind: {str(key): str(config) for key, config in tuned.cache.items()}
+                            for kind, tuned in (("forward", lip_triton._forward_tuned),
+                                                ("backward", lip_triton._backward_tuned))}
+        print("\nautotuned tiles:", json.dumps(summary["tiles"], indent=1))
+    return summary
 
 
 def main() -> int:

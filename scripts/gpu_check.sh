@@ -8,7 +8,7 @@
 # is that of the first failing section. Each section writes its output to $OUT/<section>.log as well.
 set -u
 cd "$(dirname "$0")/.."
-export PYTHONPATH=.
+export PYTHONPATH=. PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 LOGS=${OUT:-}
 [ -n "$LOGS" ] && mkdir -p "$LOGS"
@@ -40,19 +40,19 @@ $PY -c 'import sys, torch, triton; print(\"python\", sys.version.split()[0], \"t
 # --- every cuda-marked test (LIP: Triton kernels against float64, no host sync, Inductor, CUDA graph).
 # Only the files that hold such tests are collected: others may import packages this machine lacks.
 mapfile -t cuda_files < <(grep -l "pytest.mark.cuda" tests/*.py)
-section cuda_tests 420 "$PY" -m pytest -q -m cuda -p no:cacheprovider "${cuda_files[@]}"
+section cuda_tests 300 "$PY" -m pytest -q -m cuda -p no:cacheprovider "${cuda_files[@]}"
 
 # --- LIP operator benchmark: forward+backward time and peak memory, bf16 channels_last and fp32 NCHW
-section lip_bench 240 "$PY" scripts/bench_lip.py --device cuda
+section lip_bench 150 "$PY" scripts/bench_lip.py --device cuda
 
 # --- training step of each LIP network against its baseline, bf16 channels_last: img/s, peak memory, ratios
 BENCH=(scripts/bench_train.py --device cuda --batch-size 256 --image-size 224 --steps 50 --amp bf16 --channels-last)
-section bench_train_resnet50 180 "$PY" "${BENCH[@]}" --model lip_resnet50 --baseline resnet50
-section bench_train_densenet121 180 "$PY" "${BENCH[@]}" --model lip_densenet121 --baseline densenet121
+section bench_train_resnet50 150 "$PY" "${BENCH[@]}" --model lip_resnet50 --baseline resnet50
+section bench_train_densenet121 150 "$PY" "${BENCH[@]}" --model lip_densenet121 --baseline densenet121
 
 # --- the demo trained for 2 epochs on the GPU (torchvision backend, bf16), then evaluated from its checkpoint
 DEMO=${TMPDIR:-/tmp}/lip_gpu_demo
-section demo_train 240 bash -c "rm -rf $DEMO && \
+section demo_train 150 bash -c "rm -rf $DEMO && \
 $PY scripts/make_demo_data.py --out $DEMO/data --classes 6 --train-per-class 100 --val-per-class 40 --seed 0 && \
 $PY train.py --config configs/demo.yaml data.root=$DEMO/data output_dir=$DEMO/run data.cache_dir=$DEMO/cache \
     train.epochs=2 train.amp=bf16 && \
@@ -60,6 +60,6 @@ $PY eval.py --config configs/demo.yaml --checkpoint $DEMO/run/checkpoints/last.p
     data.cache_dir=$DEMO/cache train.amp=bf16"
 
 # --- last, as it is the first to drop when time is short: both ResNet-50s through torch.compile
-section bench_train_resnet50_compiled 300 "$PY" "${BENCH[@]}" --model lip_resnet50 --baseline resnet50 --compile
+section bench_train_resnet50_compiled 240 "$PY" "${BENCH[@]}" --model lip_resnet50 --baseline resnet50 --compile
 
 exit "$status"

@@ -38,6 +38,15 @@ def naive(x: torch.Tensor, logit: torch.Tensor, k: int, s: int, p: int) -> torch
     return F.avg_pool2d(x * w, k, s, p) / F.avg_pool2d(w, k, s, p)
 
 
+def cpu_reference(x: torch.Tensor, t: torch.Tensor, g: torch.Tensor, gated: bool, k: int, s: int,
+                  p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, dx, dlogit) of the float64 formula on the CPU, NCHW: CUDA's channels_last avg_pool2d backward
+    ignores the padding in some torch versions (https://github.com/pytorch/pytorch/issues/188344)."""
+    xd, td = (v.detach().cpu().double().contiguous().requires_grad_() for v in (x, t))
+    ref = naive(xd, 12 * torch.sigmoid(td) if gated else td, k, s, p)
+    return (ref.detach(), *torch.autograd.grad(ref, (xd, td), g.detach().cpu().double().contiguous()))
+
+
 def active_lip_model(name: str) -> nn.Module:
     """A LIP model whose logit heads are non-zero (the reference init zeroes some)."""
     torch.manual_seed(0)
@@ -77,17 +86,54 @@ def test_matches_float64_formula(dtype, geometry, layout, form, logits):
     y = gated_lip2d(x, t, 12.0, k, s, p) if form == "gated" else lip2d(x, t, k, s, p)
     g = torch.randn(y.shape, generator=gen, device=DEV).to(dtype)
     dx, dt = torch.autograd.grad(y, (x, t), g)
-    xd, td = (v.detach().double().requires_grad_() for v in (x, t))
-    ref = naive(xd, 12 * torch.sigmoid(td) if form == "gated" else td, k, s, p)
-    ref_dx, ref_dt = torch.autograd.grad(ref, (xd, td), g.double())
+    ref, ref_dx, ref_dt = cpu_reference(x, t, g, form == "gated", k, s, p)
     for name, ours, truth in (("out", y, ref), ("dx", dx, ref_dx), ("dlogit", dt, ref_dt)):
         assert ours.dtype == dtype and ours.is_contiguous(memory_format=fmt), name
         assert torch.isfinite(ours).all(), name
         scale = truth.abs().max().item()
         if name == "dlogit" and logits == "100x" and form == "plain":
             scale = max(scale, g.abs().max().item() * x.detach().abs().max().item())  # see lip_triton_cases.py
-        err = (ours.double() - truth).abs().max().item()
+        err = (ours.cpu().double() - truth).abs().max().item()
         assert err <= TOL[dtype] * scale, (name, err, scale)
+
+
+@pytest.mark.parametrize("case", ["bf16-channels_last-gated", "fp32-nchw-plain"])
+def test_autotuned_kernels_on_a_large_input(case):
+    """Inputs large enough that both directions run the autotuned tiles, against the float64 formula."""
+    dtype = torch.bfloat16 if case.startswith("bf16") else torch.float32
+    fmt = torch.channels_last if "channels_last" in case else torch.contiguous_format
+    gen = torch.Generator(device=DEV).manual_seed(6)
+    x = torch.randn(4, 64, 128, 128, generator=gen, device=DEV).to(dtype).contiguous(memory_format=fmt)
+    t = (3 * torch.randn(x.shape, generator=gen, device=DEV)).to(dtype).contiguous(memory_format=fmt)
+    x.requires_grad_()
+    t.requires_grad_()
+    gated = case.endswith("gated")
+    y = gated_lip2d(x, t) if gated else lip2d(x, t)
+    g = torch.randn(y.shape, generator=gen, device=DEV).to(dtype)
+    for name, ours, truth in zip(("out", "dx", "dlogit"), (y, *torch.autograd.grad(y, (x, t), g)),
+                                 cpu_reference(x, t, g, gated, 3, 2, 1), strict=True):
+        assert ours.is_contiguous(memory_format=fmt), name
+        err = (ours.cpu().double() - truth).abs().max().item()
+        assert err <= TOL[dtype] * truth.abs().max().item(), (name, err)
+
+
+@pytest.mark.parametrize("form", ["plain", "gated"])
+def test_torch_backend_channels_last_padded(monkeypatch, form):
+    """The pure-PyTorch path on CUDA, channels_last with padding: CUDA's channels_last avg_pool2d backward
+    ignores the padding in some torch versions, which that path must not inherit."""
+    monkeypatch.setenv("LIP_BACKEND", "torch")
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    cl = torch.channels_last
+    x = torch.randn(2, 8, 13, 10, generator=gen, device=DEV).contiguous(memory_format=cl).requires_grad_()
+    t = (4 * torch.randn(2, 8, 13, 10, generator=gen, device=DEV)).contiguous(memory_format=cl).requires_grad_()
+    y = gated_lip2d(x, t, 12.0, 3, 2, 1) if form == "gated" else lip2d(x, t, 3, 2, 1)
+    g = torch.randn(y.shape, generator=gen, device=DEV)
+    dx, dt = torch.autograd.grad(y, (x, t), g)
+    for name, ours, truth in zip(("out", "dx", "dlogit"), (y, dx, dt),
+                                 cpu_reference(x, t, g, form == "gated", 3, 2, 1), strict=True):
+        assert ours.is_contiguous(memory_format=cl), name
+        err = (ours.cpu().double() - truth).abs().max().item()
+        assert err <= 1e-5 * truth.abs().max().item(), (name, err)
 
 
 def test_no_host_sync_in_forward_and_backward():

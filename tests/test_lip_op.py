@@ -339,6 +339,27 @@ def test_backward_saves_only_inputs_and_output_sized_tensors(backend, gated):
     assert x.grad.shape == x.shape and t.grad.shape == t.shape
 
 
+def test_backward_allocates_no_gradients_for_the_state_outputs(backend):
+    """Autograd must not materialise zero gradients for out_exact, the state and aux (output-sized each)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = randn(1, 2, 8, 8, seed=25, dtype=torch.bfloat16).requires_grad_()
+    t = randn(1, 2, 8, 8, seed=26, dtype=torch.bfloat16).requires_grad_()
+    y = gated_lip2d(x, t)
+    with Calls() as calls:
+        torch.autograd.grad(y, (x, t), torch.ones_like(y))
+    assert not [name for name in calls.names if "zeros" in name], calls.names
+
+
 def test_invalid_arguments_are_one_line_errors():
     x = torch.zeros(1, 2, 5, 5)
     with pytest.raises(ValueError, match="one shape"):
