@@ -156,12 +156,13 @@ def test_lipified_model_on_cuda_matches_the_cpu(name: str) -> None:
     x = torch.randn(4, 3, 64, 64)
     want = model.eval()(x)
     cuda = model.cuda()
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False  # cuDNN's default TF32 convolutions round at ~1e-3 relative
+    # TF32 (cuDNN's default for convolutions; other tests may turn it on for matmuls) rounds at ~1e-3.
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
         got = cuda(x.cuda()).cpu()
     finally:
-        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
     cuda.train()
     with torch.autocast("cuda", dtype=torch.bfloat16):
