@@ -39,9 +39,6 @@ def train_sizes(cfg: dict) -> TrainSizes:
     multiple = _int(progressive, "multiple", 32, 1)
     if last <= first:
         raise DataError(f"data.progressive.end_epoch ({last}) must be after data.progressive.start_epoch ({first})")
-    for key, value in (("data.progressive.start_size", start), ("data.image_size", image_size)):
-        if value % multiple:
-            raise DataError(f"{key} ({value}) must be a multiple of data.progressive.multiple ({multiple})")
     return TrainSizes(image_size, start, first, last, multiple)
 
 

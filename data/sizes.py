@@ -14,7 +14,8 @@ from fractions import Fraction
 @dataclass(frozen=True)
 class TrainSizes:
     """size(epoch): `start_size` up to `start_epoch`, then linear to `final_size` at `end_epoch` and after,
-    rounded to the nearest multiple of `multiple` (halves round up). start_size None = always final_size."""
+    rounded to the nearest multiple of `multiple` (halves round up; at least one multiple), endpoints
+    included, as FFCV rounds its resolution schedule. start_size None = always final_size, unrounded."""
 
     final_size: int
     start_size: int | None = None
@@ -23,10 +24,10 @@ class TrainSizes:
     multiple: int = 32
 
     def __call__(self, epoch: int) -> int:
-        if self.start_size is None or epoch >= self.end_epoch:
+        if self.start_size is None:
             return self.final_size
-        if epoch <= self.start_epoch:
-            return self.start_size
-        exact = self.start_size + Fraction((self.final_size - self.start_size) * (epoch - self.start_epoch),
+        done = min(max(epoch, self.start_epoch), self.end_epoch) - self.start_epoch
+        exact = self.start_size + Fraction((self.final_size - self.start_size) * done,
                                            self.end_epoch - self.start_epoch)
-        return int(exact / self.multiple + Fraction(1, 2)) * self.multiple  # floor(x + 1/2): halves up
+        rounded = int(exact / self.multiple + Fraction(1, 2)) * self.multiple  # floor(x + 1/2): halves up
+        return max(rounded, self.multiple)

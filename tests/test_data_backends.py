@@ -272,10 +272,13 @@ def test_val_image_size_is_used(root, tmp_path, backend):
         assert_close_to(images[k], tf(Image.open(path).convert("RGB")), backend == "torchvision", path)
 
 
-def test_progressive_sizes_must_be_multiples(root, tmp_path):
-    bad = {"image_size": 224, "progressive": {"start_size": 150, "start_epoch": 0, "end_epoch": 2, "multiple": 32}}
-    with pytest.raises(DataError, match="start_size.*multiple"):
-        loader(root, tmp_path, "torchvision", "train", **bad)
+def test_progressive_sizes_are_rounded_and_bad_settings_refused(root, tmp_path):
+    odd = {"image_size": 200, "progressive": {"start_size": 150, "start_epoch": 0, "end_epoch": 2, "multiple": 32}}
+    ld = loader(root, tmp_path, "torchvision", "train", **odd)
+    assert [ld.sizes(e) for e in range(4)] == [160, 160, 192, 192]  # 150, 175, 200, 200 to multiples of 32
+    backwards = {"progressive": {"start_size": 160, "start_epoch": 2, "end_epoch": 2}}
+    with pytest.raises(DataError, match="end_epoch.*after"):
+        loader(root, tmp_path, "torchvision", "train", **backwards)
     with pytest.raises(DataError, match="val_resize"):
         loader(root, tmp_path, "torchvision", "val", val_image_size=288)
 

@@ -52,6 +52,9 @@ def test_size_rule_is_linear_rounded_half_up_and_constant_outside() -> None:
     assert [TrainSizes(224)(e) for e in (0, 50)] == [224, 224]
     shrink = TrainSizes(final_size=128, start_size=224, start_epoch=0, end_epoch=3, multiple=32)
     assert [shrink(e) for e in range(4)] == [224, 192, 160, 128]
+    # endpoints that are not multiples are rounded too, never below one multiple
+    odd = TrainSizes(final_size=100, start_size=8, start_epoch=1, end_epoch=3, multiple=32)
+    assert [odd(e) for e in range(5)] == [32, 32, 64, 96, 96]
 
 
 def cosine_lr(peak: float, floor: float, t: int, warmup: int, total: int) -> float:
@@ -165,6 +168,7 @@ def test_dali_cpu_run_follows_the_same_sizes(demo_data: Path, reference: Path, t
 
 @pytest.mark.slow
 def test_bad_progressive_settings_are_one_line_errors(demo_data: Path, tmp_path: Path) -> None:
-    proc = run(train_cmd(1, tiny_run(demo_data, tmp_path / "run", *FAST_RUN, "data.progressive.start_size=30")))
+    proc = run(train_cmd(1, tiny_run(demo_data, tmp_path / "run", *FAST_RUN, "data.progressive.end_epoch=0")))
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
-    assert re.search(r"data\.progressive\.start_size \(30\).*multiple.*\(4\)", proc.stderr)
+    assert re.search(r"data\.progressive\.end_epoch \(0\) must be after data\.progressive\.start_epoch \(0\)",
+                     proc.stderr)
