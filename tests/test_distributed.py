@@ -4,6 +4,10 @@ destroyed on every exit path, DDP's bucket views, the small-batch warning and th
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,3 +129,21 @@ def test_tf32_and_deterministic_settings(restore_backends) -> None:
     assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == backends.CUBLAS_WORKSPACE
+
+
+def test_lines_of_ranks_sharing_one_unbuffered_log_stay_whole(tmp_path: Path) -> None:
+    """Under SLURM every rank's stdout goes to one log with PYTHONUNBUFFERED=1; a line and its newline must
+    leave in one write, or another rank's line lands between them."""
+    ranks, lines = 4, 2000
+    script = ("import sys, time; from training.logger import RunLog; log = RunLog(int(sys.argv[1]), 4)\n"
+              "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"  # all ranks write at the same time
+              f"for i in range({lines}): log.every_rank(f'line {{i}} ' + 'x' * 120 + ' end')\n")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    start = time.time() + 3
+    with open(tmp_path / "job.log", "ab") as out:
+        procs = [subprocess.Popen([sys.executable, "-c", script, str(rank), str(start)], stdout=out, env=env)
+                 for rank in range(ranks)]
+        assert all(p.wait(timeout=120) == 0 for p in procs)
+    written = (tmp_path / "job.log").read_text().splitlines()
+    whole = re.compile(r"\[rank [0-3]\] line \d+ x{120} end")
+    assert len(written) == ranks * lines and all(whole.fullmatch(line) for line in written)

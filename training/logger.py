@@ -7,8 +7,16 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 from tqdm import tqdm
+
+
+def _console(line: str, stream: TextIO) -> None:
+    """One write per line, newline included: under PYTHONUNBUFFERED (our SLURM scripts) every write is a
+    syscall, and ranks sharing one log would otherwise interleave a line with another rank's newline."""
+    tqdm.write(line + "\n", file=stream, end="")
+    stream.flush()
 
 
 class RunLog:
@@ -37,14 +45,12 @@ class RunLog:
             return
         self._to_file(msg)
         if console:
-            tqdm.write(msg, file=sys.stdout)
-            sys.stdout.flush()
+            _console(msg, sys.stdout)
 
     def every_rank(self, msg: str, error: bool = False) -> None:
         """A line every rank prints (prefixed with the rank under torchrun); rank 0 also logs it."""
         prefix = f"[rank {self.rank}] " if self.world_size > 1 else ""
-        tqdm.write(prefix + msg, file=sys.stderr if error else sys.stdout)
-        (sys.stderr if error else sys.stdout).flush()
+        _console(prefix + msg, sys.stderr if error else sys.stdout)
         self._to_file(msg)
 
     def close(self) -> None:
