@@ -27,8 +27,23 @@ def conv3x3(cin: int, cout: int) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=False)
 
 
-def instance_norm(channels: int) -> nn.InstanceNorm2d:
-    return nn.InstanceNorm2d(channels, affine=True)
+class InstanceNorm2d(nn.InstanceNorm2d):
+    """nn.InstanceNorm2d whose output keeps the input's memory format (same parameters and keys).
+
+    torch's instance_norm normalises an NCHW copy and returns it NCHW, so in a channels_last network every
+    logit would reach the LIP kernel in the other layout than x (strided loads and stores along the
+    channels) and every following convolution would copy it back to channels_last.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            return y.contiguous(memory_format=torch.channels_last)
+        return y
+
+
+def instance_norm(channels: int) -> InstanceNorm2d:
+    return InstanceNorm2d(channels, affine=True)
 
 
 class LIPPool(nn.Module):

@@ -172,6 +172,45 @@ def test_channels_last_and_bf16_autocast_stay_finite(randomise, name: str) -> No
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+def _layout(t: torch.Tensor) -> str:
+    return "channels_last" if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last) else "nchw"
+
+
+@pytest.mark.parametrize("name", ["lip_resnet50", "lip_densenet121"])
+def test_channels_last_network_hands_every_lip_x_and_logit_in_one_layout(monkeypatch: pytest.MonkeyPatch,
+                                                                      name: str) -> None:
+    """torch's instance_norm returns NCHW whatever its input; the logit modules' norms must not, or the LIP
+    kernels read the logit across the channels with a stride of H*W (and write its gradient so)."""
+    calls: list[tuple[str, str]] = []
+    grads: list[str] = []
+    real = models.layers.gated_lip2d
+
+    def spy(x: torch.Tensor, z: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append((_layout(x), _layout(z)))
+        if z.requires_grad:
+            z.register_hook(lambda g: grads.append(_layout(g)))
+        return real(x, z, *args)
+
+    monkeypatch.setattr(models.layers, "gated_lip2d", spy)
+    model = create_model(name, num_classes=10).train().to(memory_format=torch.channels_last)
+    model(torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)).sum().backward()
+    lips = sum(isinstance(m, models.LIPPool) for m in model.modules())
+    assert len(calls) == 2 * lips and set(calls) == {("channels_last", "channels_last")}  # forward, recompute
+    assert len(grads) == lips and set(grads) == {"channels_last"}
+
+
+def test_instance_norm_keeps_the_memory_format_and_values() -> None:
+    x = torch.randn(2, 5, 7, 9)
+    ours, plain = models.layers.instance_norm(5), nn.InstanceNorm2d(5, affine=True)
+    with torch.no_grad():
+        ours.weight.normal_(), ours.bias.normal_()
+    plain.load_state_dict(ours.state_dict())
+    for layout in (torch.contiguous_format, torch.channels_last):
+        y = ours(x.contiguous(memory_format=layout))
+        assert y.is_contiguous(memory_format=layout)
+        torch.testing.assert_close(y, plain(x), rtol=0, atol=0)
+
+
 def test_importance_maps_cover_stem_and_stride2_layers(randomise) -> None:
     torch.manual_seed(0)
     model = randomise(create_model("lip_resnet_tiny", num_classes=5), seed=4).train()
