@@ -10,7 +10,8 @@ one process and their timed steps alternate in rounds, so clock and thermal drif
 memory is what `torch.cuda.max_memory_allocated` sees while the model steps, less the other model's
 tensors, i.e. the model's weights, gradients, momentum, batch and activations. On the CPU each model runs
 in its own child process (as scripts/bench_step.py does) and memory is the peak RSS during the timed steps
-minus the RSS right before them (the activations). Prints a line per model and a final JSON line.
+minus the RSS right before them (the activations). Prints a line per model and a final JSON line; with
+--profile N, before them, each model's N operators with the most self time over a few more steps.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,6 +41,7 @@ from training.backends import compile_model  # noqa: E402
 from training.recipe import AMP_DTYPES  # noqa: E402
 
 ROUNDS = 5  # GPU: the timed steps of each model are split into this many alternating rounds
+PROFILED_STEPS = 3  # --profile: steps recorded by torch.profiler after the timed ones
 
 
 class Bench:
@@ -70,6 +73,20 @@ class Bench:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+
+
+def profile(bench: Bench, rows: int, device: torch.device) -> str:
+    """The `rows` operators with the most self time (on the GPU when there is one) over a few steps: where a
+    model's step goes, e.g. how much of it the LIP kernels and the logit modules' instance norms take."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(PROFILED_STEPS):
+            bench.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=rows)
+    return f"--- {bench.name}: {PROFILED_STEPS} steps, the {rows} operators with the most self time ---\n{table}"
 
 
 def bench_cuda(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
@@ -105,6 +122,9 @@ def bench_cuda(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
             done[bench.name] += steps
             other = start_alloc - resident[bench.name]  # the other model's tensors
             peak[bench.name] = max(peak[bench.name], torch.cuda.max_memory_allocated() - other)
+    if args.profile:
+        for bench in benches:
+            print(profile(bench, args.profile, device), flush=True)
     return {n: (done[n] * args.batch_size / seconds[n], peak[n] / 2**20) for n in resident}
 
 
@@ -120,6 +140,8 @@ def cpu_worker(name: str, args: argparse.Namespace) -> dict[str, float]:
     for _ in range(args.steps):
         bench.step()
     seconds = time.perf_counter() - start
+    if args.profile:
+        print(profile(bench, args.profile, torch.device("cpu")))
     return {"img_s": args.steps * args.batch_size / seconds, "peak_mb": (status_kib("VmHWM") - before) / 1024}
 
 
@@ -134,7 +156,10 @@ def bench_cpu(args: argparse.Namespace, argv: list[str]) -> dict[str, tuple[floa
                               text=True)
         if proc.returncode:
             raise SystemExit(f"error: the {name} child process failed:\n{proc.stderr[-3000:]}")
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        *table, last = proc.stdout.strip().splitlines()
+        if table:
+            print("\n".join(table), flush=True)
+        result = json.loads(last)
         out[name] = (result["img_s"], result["peak_mb"])
     return out
 
@@ -151,12 +176,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--amp", default="bf16", choices=tuple(AMP_DTYPES))
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models, as train.compile")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing, profile a few steps of each model and print its N costliest operators")
     parser.add_argument("--threads", type=int, default=None, help="CPU: torch threads per child (default: torch's)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for flag in ("batch_size", "image_size", "steps"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.profile < 0:
+        parser.error("--profile must be >= 0")
     if args.model == args.baseline:
         parser.error("--model and --baseline name the same model")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -39,9 +39,21 @@ def test_cpu_figures_and_ratios() -> None:
     assert result["memory_ratio"] < 1
 
 
+def test_profile_shows_each_models_costliest_operators() -> None:
+    proc = bench("--model", "lip_resnet_tiny", "--baseline", "resnet50", "--device", "cpu", "--batch-size", "2",
+                 "--image-size", "32", "--steps", "1", "--warmup", "1", "--amp", "off", "--profile", "40")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    lip, base = out.index("--- lip_resnet_tiny: 3 steps"), out.index("--- resnet50: 3 steps")
+    assert lip < base < out.index("\nlip_resnet_tiny ") and set(json.loads(out.splitlines()[-1])) == KEYS
+    assert "aten::convolution_backward" in out[lip:base] and "aten::convolution_backward" in out[base:]
+    assert "lip::forward" in out[lip:base] and "lip::" not in out[base:]  # the LIP model's own operator
+
+
 @pytest.mark.parametrize("args, said", [
     (["--model", "resnet50", "--baseline", "resnet50", "--device", "cpu"], "name the same model"),
     (["--device", "cpu", "--steps", "0"], "--steps must be >= 1"),
+    (["--device", "cpu", "--profile", "-1"], "--profile must be >= 0"),
     (["--model", "nope", "--device", "cpu"], "invalid choice"),
 ])
 def test_bad_arguments_are_one_line(args: list[str], said: str) -> None:
