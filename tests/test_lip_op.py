@@ -269,6 +269,22 @@ def test_channels_last(backend, geometry):
         assert rel_err(a, b) < 1e-6
 
 
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_channels_last_with_many_channels(backend, geometry):
+    """Wide channel vectors (37 channels, not a multiple of any vector width) with max-shifted planes in two
+    images: the same values and gradients as NCHW, in float64."""
+    k, s, p = geometry
+    cl = torch.channels_last
+    x, t = randn(3, 37, 11, 12, seed=19), randn(3, 37, 11, 12, seed=20, scale=3.0)
+    t[1, 20] *= 50
+    t[2, 35] *= 50
+    for fn in (lambda a, b: lip2d(a, b, k, s, p), lambda a, b: gated_lip2d(a, b, 12.0, k, s, p)):
+        ref = value_and_grads(fn, x, t)
+        ours = value_and_grads(fn, x.contiguous(memory_format=cl), t.contiguous(memory_format=cl))
+        for a, b in zip(ours, ref, strict=True):
+            assert a.is_contiguous(memory_format=cl) and rel_err(a, b) < 1e-12
+
+
 def test_backends_agree_in_float32(monkeypatch):
     if not HAVE_COMPILER:
         pytest.skip("no C++ compiler on this machine, so only one backend")
