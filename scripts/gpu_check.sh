@@ -48,7 +48,7 @@ section lip_bench 150 "$PY" scripts/bench_lip.py --device cuda
 # --- training step of each LIP network against its baseline, bf16 channels_last: img/s, peak memory, ratios
 # (for LIP-ResNet-50 also where its step goes: the operators with the most GPU time, both models)
 BENCH=(scripts/bench_train.py --device cuda --batch-size 256 --image-size 224 --steps 50 --amp bf16 --channels-last)
-section bench_train_resnet50 150 "$PY" "${BENCH[@]}" --model lip_resnet50 --baseline resnet50 --profile 25
+section bench_train_resnet50 200 "$PY" "${BENCH[@]}" --model lip_resnet50 --baseline resnet50 --profile 25
 section bench_train_densenet121 150 "$PY" "${BENCH[@]}" --model lip_densenet121 --baseline densenet121
 
 # --- the demo trained for 2 epochs on the GPU (torchvision backend, bf16), then evaluated from its checkpoint
