@@ -31,7 +31,7 @@ class InstanceNorm2d(nn.InstanceNorm2d):
     """nn.InstanceNorm2d whose output keeps the input's memory format (same parameters and keys).
 
     torch's instance_norm normalises an NCHW copy and returns it NCHW, so in a channels_last network every
-    logit would reach the LIP kernel in the other layout than x (strided loads and stores along the
+    logit would reach the LIP kernel in a layout other than x's (strided loads and stores along the
     channels) and every following convolution would copy it back to channels_last.
     """
 
