@@ -43,6 +43,16 @@ def _gate(v, coeff):
 
 
 @triton.jit
+def _tap_logit(t_base, h, w, sth, stw, H, W, mask, coeff, GATED: tl.constexpr, ACC: tl.constexpr):
+    """(logit, inside) of one window tap at input (h, w): gated if GATED, 0 where outside the input."""
+    ok = mask & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    s = tl.load(t_base + h * sth + w * stw, mask=ok, other=0.0).to(ACC)
+    if GATED:
+        s, _slope = _gate(s, coeff)
+    return s, ok
+
+
+@triton.jit
 def _tile(rows, lanes, C, A, B, CL: tl.constexpr, TILE: tl.constexpr, LANES: tl.constexpr):
     """(n, c, i, j, mask) of this program's tile, broadcastable to (TILE // LANES, LANES).
 
@@ -83,12 +93,7 @@ def _forward_kernel(x_ptr, t_ptr, out_ptr, acc_ptr, ld_ptr, m_ptr, rows, lanes, 
         m = tl.full([TILE // LANES, LANES], float("-inf"), dtype=ACC)
         for kh in tl.static_range(K):
             for kw in tl.static_range(K):
-                h = h0 + kh
-                w = w0 + kw
-                ok = mask & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-                s = tl.load(t_ptr + tb + h * sth + w * stw, mask=ok, other=0.0).to(ACC)
-                if GATED:
-                    s, _slope = _gate(s, coeff)
+                s, ok = _tap_logit(t_ptr + tb, h0 + kh, w0 + kw, sth, stw, H, W, mask, coeff, GATED, ACC)
                 m = tl.maximum(m, tl.where(ok, s, float("-inf")))
         m = tl.where(m == float("-inf"), 0.0, m)  # lanes past the end only
     den = tl.zeros([TILE // LANES, LANES], dtype=ACC)
@@ -97,11 +102,8 @@ def _forward_kernel(x_ptr, t_ptr, out_ptr, acc_ptr, ld_ptr, m_ptr, rows, lanes, 
         for kw in tl.static_range(K):
             h = h0 + kh
             w = w0 + kw
-            ok = mask & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            s = tl.load(t_ptr + tb + h * sth + w * stw, mask=ok, other=0.0).to(ACC)
+            s, ok = _tap_logit(t_ptr + tb, h, w, sth, stw, H, W, mask, coeff, GATED, ACC)
             xv = tl.load(x_ptr + xb + h * sxh + w * sxw, mask=ok, other=0.0).to(ACC)
-            if GATED:
-                s, _slope = _gate(s, coeff)
             e = tl.exp(tl.where(ok, s - m, float("-inf")))
             den += e
             num += xv * e
