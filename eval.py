@@ -1,9 +1,10 @@
-"""Evaluate a checkpoint (ours or the authors' release) on data.root/val: single 224 center crop.
+"""Evaluate a checkpoint (ours, the authors' release or timm train.py's) on data.root/val: single 224 center crop.
 
     python eval.py --config configs/lip_resnet50.yaml --checkpoint lip_resnet-50.pth.tar data.root=/data/imagenet
     torchrun --nproc_per_node=8 eval.py --config ... --checkpoint ...
 
-`--ema` scores a training checkpoint's EMA weights (`model_ema`, written when train.ema_decay > 0) instead.
+`--ema` scores a training checkpoint's EMA weights instead (`model_ema`, written when train.ema_decay > 0, or
+timm's `state_dict_ema`).
 Each image is counted exactly once whatever the number of ranks. The last line printed is JSON:
 {"images": 50000, "top1": ..., "top5": ..., "loss": ...} (top-1/top-5 in percent).
 """
@@ -18,12 +19,12 @@ import torch
 
 from data import build_loader
 from models import create_model, load_checkpoint
+from models.checkpoint import check_checkpoint_file
 from training import backends, distributed
 from training.cli import ArgumentParser, run_main
 from training.config import load_config, use_channels_last
 from training.distributed import Dist
 from training.engine import evaluate
-from training.errors import UserError
 from training.logger import RunLog
 from training.recipe import autocast_for
 
@@ -31,8 +32,7 @@ from training.recipe import autocast_for
 def main(args: argparse.Namespace, d: Dist, log: RunLog) -> None:
     cfg = load_config(args.config, args.overrides)
     checkpoint = Path(args.checkpoint)
-    if not checkpoint.is_file():
-        raise UserError(f"{checkpoint}: checkpoint file not found")
+    check_checkpoint_file(checkpoint)  # before any data is read: a wrong path fails at once
     backends.configure(cfg["train"], d.device)  # the arithmetic training used (train.tf32, train.deterministic)
     distributed.init(d, cfg["train"]["cpu_threads"])
 

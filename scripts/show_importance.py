@@ -7,7 +7,7 @@ The picture TensorBoard shows during training (lip/importance_maps), for any ima
 the config's validation transform (shorter side data.val_resize, center crop data.val_image_size, or
 data.image_size when that is unset), and each map is exp(logit) of one LIP layer averaged over channels
 and scaled to [0, 1] per image, shown in the 'hot' colormap (bright = weighed most when pooling). No
-dataset is read: the number of classes comes from the checkpoint (ours or the authors' release) and
+dataset is read: the number of classes comes from the checkpoint (ours, the authors' release or timm's) and
 data.root may be unset. Exit 2 on bad input.
 """
 
@@ -51,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = load_config(args.config, require_data=False)
     checkpoint, out = Path(args.checkpoint), Path(args.out)
     for image in args.images:
+        if Path(image).is_dir():
+            raise UserError(f"{image}: is a directory, not an image file")
         if not Path(image).is_file():
             raise UserError(f"{image}: image file not found")
     state = extract_state_dict(read_checkpoint(checkpoint), checkpoint)

@@ -1,7 +1,10 @@
-"""LIP-ResNet detection backbones: timm features_only, torchvision Faster R-CNN / RetinaNet with FPN."""
+"""LIP-ResNet detection backbones: timm features_only, torchvision Faster R-CNN / RetinaNet with FPN, and the
+model lookup torchvision's detection reference script calls."""
 
 from __future__ import annotations
 
+import argparse
+import pickle
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,8 @@ from models import CheckpointError, LIPPool, create_model
 from models.detection import (
     fasterrcnn_lip_resnet50_fpn,
     fasterrcnn_lip_resnet101_fpn,
+    get_detection_model,
+    lip_resnet_fpn_backbone,
     retinanet_lip_resnet50_fpn,
     retinanet_lip_resnet101_fpn,
 )
@@ -171,6 +176,114 @@ def test_all_layers_trainable_and_bad_input(release: tuple[Path, dict[str, torch
     torch.save({k: v for k, v in state.items() if not k.startswith("layer4.")}, partial)
     with pytest.raises(CheckpointError, match="missing keys: layer4"):
         retinanet_lip_resnet50_fpn(weights_backbone=partial)
+
+
+@pytest.mark.parametrize(("argument", "value", "message"), [
+    ("trainable_backbone_layers", "3", "must be an int, got '3' (str)"),
+    ("trainable_backbone_layers", True, "must be an int, got True (bool)"),
+    ("trainable_backbone_layers", 3.0, "must be an int, got 3.0 (float)"),
+    ("trainable_backbone_layers", -1, "must be in [0, 5], got -1"),
+    ("num_classes", "91", "must be an int"),
+    ("num_classes", None, "must be an int, got None"),
+    ("num_classes", 0, "must be >= 1, got 0"),
+    ("weights_backbone", 3, "must be the path of a checkpoint file or None"),
+])
+@pytest.mark.parametrize("kind", list(DETECTORS))
+def test_bad_builder_arguments_are_one_line_value_errors(kind: str, argument: str, value: object,
+                                                         message: str) -> None:
+    with pytest.raises(ValueError) as e:
+        DETECTORS[kind](**{argument: value})
+    assert str(e.value).startswith(f"{argument} {message}") and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("layers", [(), (0, 1), (3, 2), (2, 2), (True, 2), "234", (1, 5)])
+def test_bad_returned_layers(layers: object) -> None:
+    with pytest.raises(ValueError, match="returned_layers must be increasing stage numbers from 1 to 4"):
+        lip_resnet_fpn_backbone(returned_layers=layers)
+
+
+def _reference_lookup(model: str, weights: object = None, weights_backbone: object = None,
+                      trainable_backbone_layers: int | None = None) -> nn.Module:
+    """What torchvision's references/detection/train.py does after the documented edit: its kwargs, then one
+    call to our lookup in place of torchvision.models.get_model."""
+    kwargs: dict[str, object] = {"trainable_backbone_layers": trainable_backbone_layers}
+    if "rcnn" in model:
+        kwargs["rpn_score_thresh"] = 0.05  # the script's --rpn-score-thresh, passed to R-CNN models only
+    return get_detection_model(model, weights=weights, weights_backbone=weights_backbone, num_classes=4, **kwargs)
+
+
+def test_the_reference_lookup_builds_ours_and_torchvision_baselines(
+        release: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    path, state = release
+    ours = _reference_lookup("fasterrcnn_lip_resnet50_fpn", weights_backbone=str(path))
+    assert isinstance(ours, FasterRCNN) and ours.rpn.score_thresh == 0.05
+    assert ours.roi_heads.box_predictor.cls_score.out_features == 4
+    assert torch.equal(ours.backbone.body.state_dict()["layer4.2.conv3.weight"], state["layer4.2.conv3.weight"])
+    assert [n for n, p in ours.backbone.body.named_parameters() if p.requires_grad][0].startswith("layer2.")
+    retina = _reference_lookup("retinanet_lip_resnet50_fpn")
+    assert isinstance(retina, RetinaNet) and isinstance(retina.backbone.body, type(ours.backbone.body))
+    baseline = _reference_lookup("fasterrcnn_resnet50_fpn")  # not ours: torchvision's own builder
+    assert isinstance(baseline, FasterRCNN) and baseline.roi_heads.box_predictor.cls_score.out_features == 4
+    assert not any(isinstance(m, LIPPool) for m in baseline.modules())
+    assert type(baseline.backbone.body.layer1[0]).__module__ == "torchvision.models.resnet"
+
+
+def test_the_reference_lookup_refuses_detector_weights_and_unknown_names() -> None:
+    with pytest.raises(ValueError, match="^fasterrcnn_lip_resnet50_fpn: weights='COCO_V1' is not supported") as e:
+        _reference_lookup("fasterrcnn_lip_resnet50_fpn", weights="COCO_V1")
+    assert "--resume" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="unknown detection model 'fasterrcnn_lip_resnet18_fpn'"):
+        _reference_lookup("fasterrcnn_lip_resnet18_fpn")
+
+
+@pytest.mark.slow
+def test_the_reference_resume_needs_namespace_and_the_same_weights_backbone(
+        release: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path) -> None:
+    """The reference script's checkpoint.pth (model, optimizer, lr_scheduler, argparse args, epoch) read back as
+    its --resume does (weights_only=True): with argparse.Namespace allowed it loads into the model rebuilt with
+    the same --weights-backbone; rebuilt without it, BatchNorm is no longer frozen and the optimizer state does not
+    fit."""
+    path, _ = release
+    model = _reference_lookup("fasterrcnn_lip_resnet50_fpn", weights_backbone=str(path))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.02, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[16, 22], gamma=0.1)
+    args = argparse.Namespace(model="fasterrcnn_lip_resnet50_fpn", weights_backbone=str(path), epochs=26)
+    saved = tmp_path / "checkpoint.pth"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "lr_scheduler": scheduler.state_dict(), "args": args, "epoch": 3}, saved)
+    with pytest.raises(pickle.UnpicklingError, match="argparse.Namespace"):
+        torch.load(saved, map_location="cpu", weights_only=True)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        checkpoint = torch.load(saved, map_location="cpu", weights_only=True)
+    same = _reference_lookup("fasterrcnn_lip_resnet50_fpn", weights_backbone=checkpoint["args"].weights_backbone)
+    same.load_state_dict(checkpoint["model"])
+    torch.optim.SGD([p for p in same.parameters() if p.requires_grad], lr=0.02).load_state_dict(
+        checkpoint["optimizer"])
+    other = _reference_lookup("fasterrcnn_lip_resnet50_fpn")
+    other.load_state_dict(checkpoint["model"])  # the weights fit (BatchNorm fills in num_batches_tracked) ...
+    assert any(isinstance(m, nn.BatchNorm2d) for m in other.backbone.body.modules())  # ... but nothing is frozen
+    with pytest.raises(ValueError, match="parameter group"):
+        torch.optim.SGD([p for p in other.parameters() if p.requires_grad], lr=0.02).load_state_dict(
+            checkpoint["optimizer"])
+
+
+@pytest.mark.slow
+def test_fresh_backbone_with_frozen_batchnorm_gets_no_gradient_in_its_residual_branches(tmp_path: Path) -> None:
+    """Why weights_backbone must be trained weights: the init zeros every bn3 (and the logit convs), and frozen
+    BatchNorm keeps the zero, so only the stem and the shortcuts can learn."""
+    torch.manual_seed(0)
+    fresh = tmp_path / "fresh.pth"
+    torch.save(create_model("lip_resnet50").state_dict(), fresh)
+    body = lip_resnet_fpn_backbone(weights_backbone=fresh, trainable_backbone_layers=5).body
+    sum(out.sum() for out in body(torch.randn(1, 3, 32, 32)).values()).backward()
+    branch = {n: p.grad for n, p in body.named_parameters() if ".conv1." in n or ".conv2." in n or ".conv3." in n}
+    assert branch and all(g is None or not g.any() for g in branch.values())
+    assert body.conv1.weight.grad.abs().sum() > 0 and body.layer3[0].downsample.conv.weight.grad.abs().sum() > 0
+    blocks = [m for m in body.modules() if hasattr(m, "bn3")]
+    assert all(isinstance(b.bn3, FrozenBatchNorm2d) and not b.bn3.weight.any() for b in blocks)  # stays zero
+    trainable = lip_resnet_fpn_backbone(trainable_backbone_layers=5).body  # no weights: BatchNorm trains
+    sum(out.sum() for out in trainable(torch.randn(2, 3, 32, 32)).values()).backward()
+    assert all(b.bn3.weight.grad.abs().sum() > 0 for b in trainable.modules() if hasattr(b, "bn3"))
 
 
 def test_resnet101_pair_builds() -> None:

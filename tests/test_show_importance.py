@@ -76,12 +76,18 @@ def test_one_labelled_row_per_image_and_column_per_layer(inputs, classifier: nn.
     assert len(importance_maps(classifier, x)) == LAYERS
 
 
-@pytest.mark.parametrize("case", ["missing_image", "not_an_image", "wrong_model", "baseline"])
+@pytest.mark.parametrize("case", ["missing_image", "directory_image", "not_an_image", "not_a_checkpoint",
+                                  "wrong_model", "baseline"])
 def test_bad_input_is_one_line_before_anything_is_written(inputs, tmp_path: Path, case: str) -> None:
     config, checkpoint, images = inputs
     out = tmp_path / "fig.png"
     if case == "missing_image":
         images, expected = [tmp_path / "nope.jpg"], "nope.jpg: image file not found"
+    elif case == "directory_image":
+        images, expected = [tmp_path], f"{tmp_path}: is a directory, not an image file"
+    elif case == "not_a_checkpoint":
+        checkpoint.write_text("this is not a checkpoint")
+        expected = f"{checkpoint}: not a PyTorch checkpoint"
     elif case == "not_an_image":
         (tmp_path / "notes.jpg").write_text("not a picture")
         images, expected = [tmp_path / "notes.jpg"], "notes.jpg: cannot be read as a JPEG or PNG image"
@@ -100,9 +106,11 @@ def test_bad_input_is_one_line_before_anything_is_written(inputs, tmp_path: Path
 
 @pytest.mark.slow
 def test_command_line_error_is_one_line_exit_2(inputs, tmp_path: Path) -> None:
-    config, checkpoint, _ = inputs
+    config, checkpoint, images = inputs
+    checkpoint.write_text("hello")
     proc = subprocess.run([sys.executable, "scripts/show_importance.py", "--config", str(config), "--checkpoint",
-                           str(checkpoint), str(tmp_path / "nope.jpg"), "--out", str(tmp_path / "fig.png")],
+                           str(checkpoint), str(images[0]), "--out", str(tmp_path / "fig.png")],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope.jpg'}: image file not found"]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {checkpoint}: not a PyTorch checkpoint"), proc.stderr

@@ -80,8 +80,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def load_for_resume(path: Path) -> dict[str, Any] | None:
-    """Our last.pth, read safely (weights_only), or None when there is nothing to resume."""
-    if not path.is_file():
+    """Our last.pth, read safely (weights_only), or None when there is nothing to resume.
+
+    Anything else at that path (a directory, a file that is not a checkpoint) is a `CheckpointError`:
+    the run must not silently start over and then overwrite it.
+    """
+    if not path.exists():
         return None
     return read_checkpoint(path)
 
@@ -122,7 +126,10 @@ class Checkpointer:
 
     def restore(self, ckpt: dict[str, Any]) -> tuple[TrainState, list[str]]:
         """Load everything a resume needs; returns the state and warnings (config changes, RNG not reused)."""
-        saved_cfg = ckpt.get("config") or {}
+        saved_cfg = ckpt.get("config")
+        if not isinstance(saved_cfg, dict) or not isinstance(ckpt.get("rng"), list):
+            raise CheckpointError(f"{self.last}: not a checkpoint written by train.py (no config and RNG states "
+                                  "to resume from); give this run another output_dir")
         if saved_cfg.get("model") != self.cfg["model"]:
             raise CheckpointError(f"{self.last}: written by a {saved_cfg.get('model')} run, not "
                                   f"{self.cfg['model']}; give this run another output_dir")
@@ -136,7 +143,7 @@ class Checkpointer:
             if r.ema is not None and ckpt["model_ema"] is not None:
                 r.ema.module.load_state_dict(ckpt["model_ema"])
             state = TrainState(**{f.name: ckpt[f.name] for f in fields(TrainState)})
-        except (KeyError, RuntimeError, ValueError) as e:
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{self.last}: cannot resume from it ({first}); give this run another "
                                   "output_dir") from None

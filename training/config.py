@@ -194,10 +194,16 @@ def _flatten(tree: Mapping[str, Any], where: str, prefix: str = "") -> dict[str,
 
 
 def _read_yaml(path: Path) -> Mapping[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a YAML config file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
         tree = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a YAML config file (not UTF-8 text)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" line {mark.line + 1}" if mark is not None else ""
