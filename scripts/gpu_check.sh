@@ -6,6 +6,9 @@
 # Uses the machine's own python3 (torch + triton, no .venv, nothing installed) with PYTHONPATH=. and runs
 # each section below in order; a failing section is reported and the next one still runs. The exit status
 # is that of the first failing section. Each section writes its output to $OUT/<section>.log as well.
+# The whole run stays within BUDGET_S seconds (default 530, under a 9-minute device call): a section gets
+# at most what is left, and one that would get under 20 s is skipped, so the sections last in the file
+# are the first to drop.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -13,12 +16,19 @@ PY=${PYTHON:-python3}
 LOGS=${OUT:-}
 [ -n "$LOGS" ] && mkdir -p "$LOGS"
 status=0
+BUDGET=${BUDGET_S:-530}
 
 # section NAME TIMEOUT_S COMMAND...: runs COMMAND with a time limit, tees its output to $OUT/NAME.log.
 section() {
     local name=$1 limit=$2 rc
     shift 2
-    echo "=== $name: $* ==="
+    local left=$((BUDGET - SECONDS))
+    if [ "$left" -lt 20 ]; then
+        echo "=== $name: skipped, ${left} s of the ${BUDGET} s budget left ==="
+        return 0
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "=== $name (limit ${limit} s): $* ==="
     local start=$SECONDS
     if [ -n "$LOGS" ]; then
         timeout "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
@@ -40,16 +50,24 @@ $PY -c 'import sys, torch, triton; print(\"python\", sys.version.split()[0], \"t
 # --- every cuda-marked test (LIP: Triton kernels against float64, no host sync, Inductor, CUDA graph).
 # Only the files that hold such tests are collected: others may import packages this machine lacks.
 mapfile -t cuda_files < <(grep -l "pytest.mark.cuda" tests/*.py)
-section cuda_tests 300 "$PY" -m pytest -q -m cuda -p no:cacheprovider "${cuda_files[@]}"
+section cuda_tests 240 "$PY" -m pytest -q -m cuda -p no:cacheprovider "${cuda_files[@]}"
 
-# --- LIP operator benchmark: forward+backward time and peak memory, bf16 channels_last and fp32 NCHW
-section lip_bench 150 "$PY" scripts/bench_lip.py --device cuda
+# --- LIP operator benchmark: forward, backward and forward+backward (CUDA events), effective bandwidth, peak
+# memory, against avg_pool2d and torch.compile of the formula; bf16 channels_last and fp32 NCHW
+section lip_bench 120 "$PY" scripts/bench_lip.py --device cuda
 
-# --- training step of each LIP network against its baseline, bf16 channels_last: img/s, peak memory, ratios
-# (for LIP-ResNet-50 also where its step goes: the operators with the most GPU time, both models)
+# --- each Triton tile configuration of models/lip_triton.py in turn, forward and backward: the fastest per row
+section lip_tiles 60 "$PY" scripts/bench_lip.py --device cuda --tiles --repeats 7
+
+# --- training step of each LIP network against its baseline, bf16 channels_last: img/s, peak memory, ratios,
+# and where each step goes (the operators with the most GPU time, both models of each pair)
 BENCH=(scripts/bench_train.py --device cuda --batch-size 256 --image-size 224 --steps 50 --amp bf16 --channels-last)
-section bench_train_resnet50 200 "$PY" "${BENCH[@]}" --model lip_resnet50 --baseline resnet50 --profile 25
-section bench_train_densenet121 150 "$PY" "${BENCH[@]}" --model lip_densenet121 --baseline densenet121
+section bench_train_resnet50 150 "$PY" "${BENCH[@]}" --model lip_resnet50 --baseline resnet50 --profile 25
+section bench_train_densenet121 120 "$PY" "${BENCH[@]}" --model lip_densenet121 --baseline densenet121 --profile 15
+
+# --- what one training step must move and compute (fake tensors; same figures as on any CPU)
+section step_traffic 45 "$PY" scripts/step_traffic.py --model lip_resnet50 --baseline resnet50 --batch-size 256 \
+    --image-size 224 --amp bf16 --channels-last --top 15 --diff 20
 
 # --- the demo trained for 2 epochs on the GPU (torchvision backend, bf16), then evaluated from its checkpoint
 DEMO=${TMPDIR:-/tmp}/lip_gpu_demo
