@@ -6,7 +6,14 @@ e = exp(s - m), D = sum(e), and stores out (in the output dtype, plus an accumul
 narrower), log D and m (only when shifting; m and log D apart, as their sum would round at the scale of m).
 Backward needs only these output-sized tensors besides x and the logit: every input position gathers, from
 the at most ceil(k/s)^2 windows that contain it, p = exp(s - m - log D) (its weight in that window), and
-forms dx = sum(g * p) and ds = sum(g * p * (x - out)) -- no atomics, nothing input-sized but the results.
+forms dx = sum(g * p) and ds = sum(g * p * (x - out)), each window's x - out taken before the sum. Where one
+weight dominates a window (large logits, float32 with the shift), x - out lies far below the float32
+rounding of out, so forward keeps out in float64 too (from float64 window sums) and backward subtracts in
+float64; nothing input-sized but the results.
+
+An optional per-(n, c) affine map comes first: the logit is t * scale + shift (an instance norm's apply), and
+backward returns dt = scale * dz with the per-plane sums of dz * t and dz (float atomics into (N, C) buffers,
+the only atomics).
 
 Every tensor is addressed through its own strides, so NCHW, channels_last and an incoming gradient in either
 layout are read in place; a program owns a tile of rows x lanes, the lanes along x's fastest dimension so
@@ -43,10 +50,13 @@ def _gate(v, coeff):
 
 
 @triton.jit
-def _tap_logit(t_base, h, w, sth, stw, H, W, mask, coeff, GATED: tl.constexpr, ACC: tl.constexpr):
-    """(logit, inside) of one window tap at input (h, w): gated if GATED, 0 where outside the input."""
+def _tap_logit(t_base, h, w, sth, stw, H, W, mask, coeff, sa, sb, GATED: tl.constexpr, AFFINE: tl.constexpr,
+               ACC: tl.constexpr):
+    """(logit, inside) of one window tap at input (h, w): t * sa + sb if AFFINE, then gated if GATED."""
     ok = mask & (h >= 0) & (h < H) & (w >= 0) & (w < W)
     s = tl.load(t_base + h * sth + w * stw, mask=ok, other=0.0).to(ACC)
+    if AFFINE:
+        s = s * sa + sb
     if GATED:
         s, _slope = _gate(s, coeff)
     return s, ok
@@ -78,12 +88,18 @@ def _tile(rows, lanes, C, A, B, CL: tl.constexpr, TILE: tl.constexpr, LANES: tl.
 
 
 @triton.jit
-def _forward_kernel(x_ptr, t_ptr, out_ptr, acc_ptr, ld_ptr, m_ptr, rows, lanes, C, H, W, Ho, Wo,
+def _forward_kernel(x_ptr, t_ptr, out_ptr, acc_ptr, ld_ptr, m_ptr, sa_ptr, sb_ptr, rows, lanes, C, H, W, Ho, Wo,
                     sxn, sxc, sxh, sxw, stn, stc, sth, stw, son, soc, soh, sow, coeff,
                     K: tl.constexpr, S: tl.constexpr, P: tl.constexpr, GATED: tl.constexpr,
                     SHIFT: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr, KEEP: tl.constexpr,
-                    TILE: tl.constexpr, LANES: tl.constexpr):
+                    AFFINE: tl.constexpr, SUM: tl.constexpr, TILE: tl.constexpr, LANES: tl.constexpr):
     n, c, oh, ow, mask = _tile(rows, lanes, C, Ho, Wo, CL, TILE, LANES)
+    sa = 1.0
+    sb = 0.0
+    if AFFINE:
+        pl = n * C + c + tl.zeros([TILE // LANES, LANES], dtype=tl.int32)  # the tile's shape, for the mask
+        sa = tl.load(sa_ptr + pl, mask=mask, other=1.0).to(ACC)
+        sb = tl.load(sb_ptr + pl, mask=mask, other=0.0).to(ACC)
     xb = n * sxn + c * sxc
     tb = n * stn + c * stc
     h0 = oh * S - P
@@ -93,46 +109,55 @@ def _forward_kernel(x_ptr, t_ptr, out_ptr, acc_ptr, ld_ptr, m_ptr, rows, lanes, 
         m = tl.full([TILE // LANES, LANES], float("-inf"), dtype=ACC)
         for kh in tl.static_range(K):
             for kw in tl.static_range(K):
-                s, ok = _tap_logit(t_ptr + tb, h0 + kh, w0 + kw, sth, stw, H, W, mask, coeff, GATED, ACC)
+                s, ok = _tap_logit(t_ptr + tb, h0 + kh, w0 + kw, sth, stw, H, W, mask, coeff, sa, sb, GATED, AFFINE,
+                                   ACC)
                 m = tl.maximum(m, tl.where(ok, s, float("-inf")))
         m = tl.where(m == float("-inf"), 0.0, m)  # lanes past the end only
-    den = tl.zeros([TILE // LANES, LANES], dtype=ACC)
-    num = tl.zeros([TILE // LANES, LANES], dtype=ACC)
+    den = tl.zeros([TILE // LANES, LANES], dtype=SUM)
+    num = tl.zeros([TILE // LANES, LANES], dtype=SUM)
     for kh in tl.static_range(K):
         for kw in tl.static_range(K):
             h = h0 + kh
             w = w0 + kw
-            s, ok = _tap_logit(t_ptr + tb, h, w, sth, stw, H, W, mask, coeff, GATED, ACC)
+            s, ok = _tap_logit(t_ptr + tb, h, w, sth, stw, H, W, mask, coeff, sa, sb, GATED, AFFINE,
+                                   ACC)
             xv = tl.load(x_ptr + xb + h * sxh + w * sxw, mask=ok, other=0.0).to(ACC)
-            e = tl.exp(tl.where(ok, s - m, float("-inf")))
+            e = tl.exp(tl.where(ok, s - m, float("-inf"))).to(SUM)
             den += e
-            num += xv * e
+            num += xv.to(SUM) * e
     ob = n * son + c * soc + oh * soh + ow * sow
     den = tl.where(mask, den, 1.0)  # lanes past the end
     res = num / den
-    tl.store(out_ptr + ob, res.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + ob, res.to(ACC).to(out_ptr.dtype.element_ty), mask=mask)
     if KEEP:
-        tl.store(acc_ptr + ob, res, mask=mask)
-    tl.store(ld_ptr + ob, tl.log(den).to(ld_ptr.dtype.element_ty), mask=mask)
+        tl.store(acc_ptr + ob, res.to(acc_ptr.dtype.element_ty), mask=mask)
+    tl.store(ld_ptr + ob, tl.log(den.to(ACC)).to(ld_ptr.dtype.element_ty), mask=mask)
     if SHIFT:
         tl.store(m_ptr + ob, m.to(m_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _backward_kernel(x_ptr, t_ptr, g_ptr, out_ptr, ld_ptr, m_ptr, dx_ptr, dt_ptr, rows, lanes, C, H, W, Ho, Wo,
+def _backward_kernel(x_ptr, t_ptr, g_ptr, out_ptr, ld_ptr, m_ptr, dx_ptr, dt_ptr, sa_ptr, sb_ptr, s1_ptr, s2_ptr,
+                     rows, lanes, C, H, W, Ho, Wo,
                      sxn, sxc, sxh, sxw, stn, stc, sth, stw, sgn, sgc, sgh, sgw, son, soc, soh, sow,
                      sdxn, sdxc, sdxh, sdxw, sdtn, sdtc, sdth, sdtw, coeff,
                      K: tl.constexpr, S: tl.constexpr, P: tl.constexpr, GATED: tl.constexpr,
-                     SHIFT: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr, TILE: tl.constexpr,
-                     LANES: tl.constexpr):
+                     SHIFT: tl.constexpr, CL: tl.constexpr, ACC: tl.constexpr, AFFINE: tl.constexpr,
+                     TILE: tl.constexpr, LANES: tl.constexpr):
     n, c, h, w, mask = _tile(rows, lanes, C, H, W, CL, TILE, LANES)
     xv = tl.load(x_ptr + n * sxn + c * sxc + h * sxh + w * sxw, mask=mask, other=0.0).to(ACC)
-    s = tl.load(t_ptr + n * stn + c * stc + h * sth + w * stw, mask=mask, other=0.0).to(ACC)
+    tv = tl.load(t_ptr + n * stn + c * stc + h * sth + w * stw, mask=mask, other=0.0).to(ACC)
+    s = tv
+    sa = 1.0
+    pl = n * C + c + tl.zeros([TILE // LANES, LANES], dtype=tl.int32)  # the tile's shape, for the mask
+    if AFFINE:
+        sa = tl.load(sa_ptr + pl, mask=mask, other=1.0).to(ACC)
+        s = tv * sa + tl.load(sb_ptr + pl, mask=mask, other=0.0).to(ACC)
     slope = tl.zeros([TILE // LANES, LANES], dtype=ACC)
     if GATED:
         s, slope = _gate(s, coeff)
     gsum = tl.zeros([TILE // LANES, LANES], dtype=ACC)  # sum over windows of g * p
-    bsum = tl.zeros([TILE // LANES, LANES], dtype=ACC)  # sum over windows of g * p * out
+    dsum = tl.zeros([TILE // LANES, LANES], dtype=ACC)  # sum over windows of g * p * (x - out)
     oh_last = (h + P) // S
     ow_last = (w + P) // S
     for jh in tl.static_range((K + S - 1) // S):
@@ -143,23 +168,27 @@ def _backward_kernel(x_ptr, t_ptr, g_ptr, out_ptr, ld_ptr, m_ptr, dx_ptr, dt_ptr
             ok = mask & okh & (ow >= 0) & (ow < Wo) & (w + P - ow * S < K)
             o = n * son + c * soc + oh * soh + ow * sow
             g = tl.load(g_ptr + n * sgn + c * sgc + oh * sgh + ow * sgw, mask=ok, other=0.0).to(ACC)
-            ov = tl.load(out_ptr + o, mask=ok, other=0.0).to(ACC)
+            ov = tl.load(out_ptr + o, mask=ok, other=0.0)  # float64 where x - out needs it
             d = s
             if SHIFT:  # (s - m) - log D: m + log D would round at the scale of m
                 d = s - tl.load(m_ptr + o, mask=ok, other=0.0).to(ACC)
             d = d - tl.load(ld_ptr + o, mask=ok, other=0.0).to(ACC)
             gp = g * tl.exp(tl.where(ok, d, float("-inf")))
             gsum += gp
-            bsum += gp * ov
-    ds = xv * gsum - bsum
+            dsum += gp * (xv.to(ov.dtype) - ov).to(ACC)
+    ds = dsum
     if GATED:
         ds = ds * slope
+    if AFFINE:
+        tl.atomic_add(s1_ptr + pl, ds * tv, mask=mask)
+        tl.atomic_add(s2_ptr + pl, ds, mask=mask)
+        ds = ds * sa
     tl.store(dx_ptr + n * sdxn + c * sdxc + h * sdxh + w * sdxw, gsum.to(dx_ptr.dtype.element_ty), mask=mask)
     tl.store(dt_ptr + n * sdtn + c * sdtc + h * sdth + w * sdtw, ds.to(dt_ptr.dtype.element_ty), mask=mask)
 
 
 _CONFIGS = [triton.Config({"TILE": tile}, num_warps=warps) for tile, warps in _TILES]
-_KEY = ["rows", "lanes", "K", "S", "GATED", "SHIFT", "CL"]
+_KEY = ["rows", "lanes", "K", "S", "GATED", "SHIFT", "CL", "AFFINE"]
 _forward_tuned = triton.autotune(_CONFIGS, key=_KEY)(_forward_kernel)
 _backward_tuned = triton.autotune(_CONFIGS, key=_KEY)(_backward_kernel)
 
@@ -180,43 +209,59 @@ def _acc(dtype: torch.dtype) -> tl.dtype:
 
 
 def forward(x: torch.Tensor, t: torch.Tensor, coeff: float, gated: bool, shift: bool, k: int, s: int, p: int,
-            out_dtype: torch.dtype, acc_dtype: torch.dtype, channels_last: bool
+            out_dtype: torch.dtype, acc_dtype: torch.dtype, channels_last: bool,
+            plane_scale: torch.Tensor | None = None, plane_shift: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """(out, out in acc_dtype or None, log D, window maxima or None), all in x's memory format.
 
-    The full-precision copy of out is made only when out_dtype is narrower than acc_dtype, the window maxima
-    only with shift (else the shift is 0).
+    The full-precision copy of out is made when out_dtype is narrower than acc_dtype, and in float64 (with
+    float64 window sums) for float32 with shift: there one weight can dominate a window, and backward's
+    x - out is then far below the float32 rounding of out. The window maxima exist only with shift (else the
+    shift is 0). plane_scale and plane_shift: contiguous (N, C) in acc_dtype.
     """
     n, c, h, w = x.shape
     ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = torch.empty((n, c, ho, wo), dtype=out_dtype, device=x.device, memory_format=fmt)
     log_den = torch.empty((n, c, ho, wo), dtype=acc_dtype, device=x.device, memory_format=fmt)
-    keep = out_dtype != acc_dtype
-    out_acc = torch.empty_like(log_den) if keep else None
+    precise = shift and acc_dtype == torch.float32  # see the module docstring
+    keep = out_dtype != acc_dtype or precise
+    out_acc = torch.empty_like(log_den, dtype=torch.float64 if precise else acc_dtype) if keep else None
     wmax = torch.empty_like(log_den) if shift else None
     if out.numel():
         rows, lanes = (n * ho * wo, c) if channels_last else (n * c * ho, wo)
         launch, width, cfg = _launch(_forward_kernel, _forward_tuned, out.numel(), rows, lanes, x.device.type != "cuda")
-        launch(x, t, out, out_acc if keep else log_den, log_den, wmax if shift else log_den, rows, lanes, c, h, w,
+        affine = plane_scale is not None
+        launch(x, t, out, out_acc if keep else log_den, log_den, wmax if shift else log_den,
+               plane_scale if affine else log_den, plane_shift if affine else log_den, rows, lanes, c, h, w,
                ho, wo, *x.stride(), *t.stride(), *out.stride(), float(coeff), K=k, S=s, P=p, GATED=gated,
-               SHIFT=shift, CL=channels_last, ACC=_acc(acc_dtype), KEEP=keep, LANES=width, **cfg)
+               SHIFT=shift, CL=channels_last, ACC=_acc(acc_dtype), KEEP=keep, AFFINE=affine,
+               SUM=tl.float64 if precise else _acc(acc_dtype), LANES=width, **cfg)
     return out, out_acc, log_den, wmax
 
 
 def backward(grad: torch.Tensor, x: torch.Tensor, t: torch.Tensor, out: torch.Tensor, log_den: torch.Tensor,
              wmax: torch.Tensor | None, coeff: float, gated: bool, k: int, s: int, p: int,
-             dx_format: torch.memory_format, dt_format: torch.memory_format,
-             channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dL/dx in x's dtype, dL/dt in t's dtype) in the given memory formats; out in the accumulation dtype."""
+             dx_format: torch.memory_format, dt_format: torch.memory_format, channels_last: bool,
+             plane_scale: torch.Tensor | None = None, plane_shift: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(dL/dx in x's dtype, dL/dt in t's dtype, sum(dz * t), sum(dz)) in the given memory formats.
+
+    out is in the accumulation dtype; the two per-plane sums of the pre-gate logit's gradient dz exist only
+    with plane_scale and plane_shift (then dL/dt = dz * plane_scale).
+    """
     n, c, h, w = x.shape
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=dx_format)
     dt = torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=dt_format)
+    affine = plane_scale is not None
+    s1, s2 = (torch.zeros((n, c), dtype=log_den.dtype, device=x.device) if affine else None for _ in range(2))
     if x.numel():
         rows, lanes = (n * h * w, c) if channels_last else (n * c * h, w)
         launch, width, cfg = _launch(_backward_kernel, _backward_tuned, x.numel(), rows, lanes, x.device.type != "cuda")
-        launch(x, t, grad, out, log_den, log_den if wmax is None else wmax, dx, dt, rows, lanes, c, h, w,
+        launch(x, t, grad, out, log_den, log_den if wmax is None else wmax, dx, dt,
+               plane_scale if affine else log_den, plane_shift if affine else log_den,
+               s1 if affine else log_den, s2 if affine else log_den, rows, lanes, c, h, w,
                out.shape[2], out.shape[3], *x.stride(), *t.stride(), *grad.stride(), *out.stride(), *dx.stride(),
                *dt.stride(), float(coeff), K=k, S=s, P=p, GATED=gated, SHIFT=wmax is not None, CL=channels_last,
-               ACC=_acc(log_den.dtype), LANES=width, **cfg)
-    return dx, dt
+               ACC=_acc(log_den.dtype), AFFINE=affine, LANES=width, **cfg)
+    return dx, dt, s1, s2

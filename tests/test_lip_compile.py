@@ -63,6 +63,26 @@ def test_opcheck(backend, gated, layout):
                               (grad, x.detach(), t.detach(), out.detach(), out_exact, state, flags, *args[2:]))
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_opcheck_folded_norm(backend, layout):
+    """lip::forward / lip::backward with the per-plane scale and shift, and the plane statistics ops."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = randn(2, 3, 7, 6, seed=5).contiguous(memory_format=fmt).requires_grad_()
+    f = randn(2, 3, 7, 6, seed=6, scale=3.0).contiguous(memory_format=fmt).requires_grad_()
+    torch.library.opcheck(torch.ops.lip.plane_stats.default, (f, 1e-5))
+    mean, rstd = torch.ops.lip.plane_stats(f, 1e-5)
+    scale, shift = rstd.requires_grad_(), (-mean * rstd).requires_grad_()
+    args = (x, f, 12.0, True, 3, 2, 1, scale, shift)
+    torch.library.opcheck(torch.ops.lip.forward.default, args)
+    out, out_exact, state, flags = torch.ops.lip.forward(*args)
+    grad = randn(*out.shape, seed=7).contiguous(memory_format=fmt)
+    torch.library.opcheck(torch.ops.lip.backward.default,
+                          (grad, x.detach(), f.detach(), out.detach(), out_exact, state, flags, 12.0, True, 3, 2, 1,
+                           scale.detach(), shift.detach()))
+    torch.library.opcheck(torch.ops.lip.plane_stats_backward.default,
+                          (f.detach(), mean.detach(), rstd.detach(), randn(2, 3, seed=8), randn(2, 3, seed=9)))
+
+
 def test_opcheck_half_output(backend):
     """bf16 in, bf16 out: the op also returns the float32 result backward uses."""
     x = randn(1, 2, 6, 6, seed=3).bfloat16().requires_grad_()

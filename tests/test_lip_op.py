@@ -409,3 +409,54 @@ def test_inside_ddp(backend, tmp_path):
         assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("gated", [False, True])
+def test_scale_and_shift_gradcheck_float64(backend, layout, gated):
+    """The per-plane affine logit t * scale + shift, large scales (shifted planes) included."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = randn(2, 3, 7, 6, seed=40, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    t = randn(2, 3, 7, 6, seed=41, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    scale = (torch.tensor([[0.5, 80.0, 2.0], [3.0, 0.1, 150.0]], dtype=torch.float64)).requires_grad_()
+    shift = randn(2, 3, seed=42, dtype=torch.float64).requires_grad_()
+    coeff = 12.0 if gated else 0.0
+
+    def op(a, b, c, d):
+        return torch.ops.lip.forward(a, b, coeff, gated, 3, 2, 1, c, d)[0]
+
+    assert torch.autograd.gradcheck(op, (x, t, scale, shift), fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_norm_gated_lip2d_is_the_instance_norm_then_the_gate(backend, dtype, layout):
+    """The folded norm against float64 instance_norm + gate + formula: value and the x, f, weight, bias grads."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = randn(2, 5, 9, 7, seed=43).to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    f = (3 * randn(2, 5, 9, 7, seed=44) + 2).to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    w, b = randn(5, seed=45).float().requires_grad_(), randn(5, seed=46).float().requires_grad_()
+    y = lip.norm_gated_lip2d(x, f, w, b, 1e-5)
+    g = randn(*y.shape, seed=47).to(y.dtype)
+    ours = (y, *torch.autograd.grad(y, (x, f, w, b), g))
+    xd, fd, wd, bd = (v.detach().double().requires_grad_() for v in (x, f, w, b))
+    ref = naive(xd, 12 * torch.sigmoid(F.instance_norm(fd, weight=wd, bias=bd, eps=1e-5)))
+    truth = (ref, *torch.autograd.grad(ref, (xd, fd, wd, bd), g.double()))
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    for name, a, r in zip(("out", "dx", "df", "dw", "db"), ours, truth, strict=True):
+        assert a.dtype == (dtype if name in ("out", "dx", "df") else torch.float32), name
+        assert rel_err(a, r) <= tol, (name, rel_err(a, r))
+    assert ours[1].is_contiguous(memory_format=fmt) and ours[2].is_contiguous(memory_format=fmt)
+
+
+def test_lip_layers_script_in_eval_mode():
+    """TorchScript of the LIP layers (the folded norm included) in eval mode gives eager's output."""
+    from models.layers import ProjectionLIP, SharedLIP, SimplifiedLIP
+
+    torch.manual_seed(0)
+    x = randn(2, 8, 9, 9, seed=48, dtype=torch.float32)
+    for layer, args in ((SimplifiedLIP(8), (x,)), (ProjectionLIP(8, width=4), (x,)),
+                        (SharedLIP(8, width=4), (x, randn(2, 4, 9, 9, seed=49, dtype=torch.float32)))):
+        layer.eval()
+        scripted = torch.jit.script(layer)
+        torch.testing.assert_close(scripted(*args), layer(*args))

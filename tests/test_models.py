@@ -130,6 +130,13 @@ def _naive_gated_lip2d(x: torch.Tensor, z: torch.Tensor, coeff: float = 12.0, ke
     return F.avg_pool2d(x * w, kernel_size, stride, padding) / F.avg_pool2d(w, kernel_size, stride, padding)
 
 
+def _naive_norm_gated_lip2d(x: torch.Tensor, f: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                            eps: float, coeff: float = 12.0, kernel_size: int = 3, stride: int = 2,
+                            padding: int = 1) -> torch.Tensor:
+    z = F.instance_norm(f, weight=weight, bias=bias, eps=eps)
+    return _naive_gated_lip2d(x, z, coeff, kernel_size, stride, padding)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", LIP_MODELS)
 def test_logits_match_the_naive_formula(monkeypatch: pytest.MonkeyPatch, randomise, name: str) -> None:
@@ -143,7 +150,7 @@ def test_logits_match_the_naive_formula(monkeypatch: pytest.MonkeyPatch, randomi
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ours = model(x).double()
-        monkeypatch.setattr(models.layers, "gated_lip2d", _naive_gated_lip2d)
+        monkeypatch.setattr(models.layers, "norm_gated_lip2d", _naive_norm_gated_lip2d)
         naive = model(x).double()
         truth = model.double()(x.double())
     scale = truth.abs().max().item()
@@ -183,19 +190,19 @@ def test_channels_last_network_hands_every_lip_x_and_logit_in_one_layout(monkeyp
     kernels read the logit across the channels with a stride of H*W (and write its gradient so)."""
     calls: list[tuple[str, str]] = []
     grads: list[str] = []
-    real = models.layers.gated_lip2d
+    real = models.layers.norm_gated_lip2d
 
-    def spy(x: torch.Tensor, z: torch.Tensor, *args: object) -> torch.Tensor:
-        calls.append((_layout(x), _layout(z)))
-        if z.requires_grad:
-            z.register_hook(lambda g: grads.append(_layout(g)))
-        return real(x, z, *args)
+    def spy(x: torch.Tensor, f: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append((_layout(x), _layout(f)))
+        if f.requires_grad:
+            f.register_hook(lambda g: grads.append(_layout(g)))
+        return real(x, f, *args)
 
-    monkeypatch.setattr(models.layers, "gated_lip2d", spy)
+    monkeypatch.setattr(models.layers, "norm_gated_lip2d", spy)
     model = create_model(name, num_classes=10).train().to(memory_format=torch.channels_last)
     model(torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)).sum().backward()
     lips = sum(isinstance(m, models.LIPPool) for m in model.modules())
-    assert len(calls) == 2 * lips and set(calls) == {("channels_last", "channels_last")}  # forward, recompute
+    assert len(calls) == lips and set(calls) == {("channels_last", "channels_last")}  # nothing recomputed
     assert len(grads) == lips and set(grads) == {"channels_last"}
 
 
@@ -208,7 +215,7 @@ def test_instance_norm_keeps_the_memory_format_and_values() -> None:
     for layout in (torch.contiguous_format, torch.channels_last):
         y = ours(x.contiguous(memory_format=layout))
         assert y.is_contiguous(memory_format=layout)
-        torch.testing.assert_close(y, plain(x), rtol=0, atol=0)
+        torch.testing.assert_close(y, plain(x), rtol=1e-5, atol=1e-6)  # fp32 rounding: another summation order
 
 
 def test_importance_maps_cover_stem_and_stride2_layers(randomise) -> None:

@@ -8,6 +8,10 @@
 // NHWC: channel vectors). Backward spreads the output-sized g/D and g*out/D rows back over the
 // at most ceil(K/S)^2 windows of each input, then makes dx and ds in one pass over the input.
 //
+// An optional per-(n, c) affine map comes first: the logit is then t * scale + shift (an instance
+// norm's apply), so the normalised logit is never a tensor; backward returns dt = scale * dz and the
+// per-plane sums of dz * t and dz, from which the caller forms the norm's gradients.
+//
 // Logits are used without shift (the result then rounds like the plain formula). A plane whose
 // logits leave a safe range (where exp(s) could overflow the sums, or a whole window underflow)
 // is redone with a per-window maximum subtracted before exp; backward redoes those planes the
@@ -18,6 +22,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -26,6 +31,8 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -122,14 +129,14 @@ struct ForwardScratch {
 // outside SafeRange. For NCHW (cc == 1) the flag is a scalar reduction; for NHWC the inner loop
 // runs over the channel vector of a pixel.
 template <typename T, bool GATED, bool NHWC>
-void forward_row(const T* __restrict xs, const T* __restrict ts, T coeff, T* __restrict wd, T* __restrict xd,
-                 int* __restrict bad, int64_t cols, int64_t cc) {
+void forward_row(const T* __restrict xs, const T* __restrict ts, const T* __restrict sa, const T* __restrict sb,
+                 T coeff, T* __restrict wd, T* __restrict xd, int* __restrict bad, int64_t cols, int64_t cc) {
   const T lo = SafeRange<T>::lo, hi = SafeRange<T>::hi;
   if constexpr (NHWC) {
     for (int64_t c = 0; c < cols; ++c) {
       for (int64_t ch = 0; ch < cc; ++ch) {
         const int64_t i = c * cc + ch;
-        const T s = logit_of<GATED>(ts[i], coeff);
+        const T s = logit_of<GATED>(ts[i] * sa[ch] + sb[ch], coeff);
         bad[ch] |= static_cast<int>(s < lo) | static_cast<int>(s > hi);
         const T w = exp_fast(s);
         wd[i] = w;
@@ -138,8 +145,9 @@ void forward_row(const T* __restrict xs, const T* __restrict ts, T coeff, T* __r
     }
   } else {
     int b = 0;
+    const T a0 = sa[0], b0 = sb[0];
     for (int64_t i = 0; i < cols; ++i) {
-      const T s = logit_of<GATED>(ts[i], coeff);
+      const T s = logit_of<GATED>(ts[i] * a0 + b0, coeff);
       b |= static_cast<int>(s < lo) | static_cast<int>(s > hi);
       const T w = exp_fast(s);
       wd[i] = w;
@@ -215,8 +223,8 @@ void horizontal_channels(const T* __restrict vd, const T* __restrict vn, T* __re
 // Unshifted forward of one block; bad[] (one flag per channel of the block) is set for planes
 // with a logit outside SafeRange, whose results the caller replaces.
 template <typename T, int KT, int ST, bool GATED, bool NHWC>
-void forward_block(const T* x, const T* t, T coeff, T* out, T* den, const Geometry& g, int64_t cc,
-                   ForwardScratch<T>& sc) {
+void forward_block(const T* x, const T* t, const T* sa, const T* sb, T coeff, T* out, T* den, const Geometry& g,
+                   int64_t cc, ForwardScratch<T>& sc) {
   const int64_t K = KT ? KT : g.K, S = ST ? ST : g.S;
   const int64_t rowlen = g.Wpad * cc, in_row = g.W * cc, out_row = g.Wo * cc, pc = g.P * cc;
   std::fill(sc.bad.begin(), sc.bad.end(), 0);
@@ -233,7 +241,7 @@ void forward_block(const T* x, const T* t, T coeff, T* out, T* den, const Geomet
       T* wrow = sc.wring.data() + (r % K) * rowlen;
       T* xrow = sc.xring.data() + (r % K) * rowlen;
       if (r >= next_row) {
-        forward_row<T, GATED, NHWC>(x + r * in_row, t + r * in_row, coeff, wrow + pc, xrow + pc, sc.bad.data(),
+        forward_row<T, GATED, NHWC>(x + r * in_row, t + r * in_row, sa, sb, coeff, wrow + pc, xrow + pc, sc.bad.data(),
                                     g.cw, cc);
         next_row = r + 1;
       }
@@ -266,11 +274,11 @@ inline Window window_at(const Geometry& g, int64_t oh, int64_t ow) {
 }
 
 template <bool GATED, typename T>
-inline T window_max(const T* t, T coeff, const PlaneStrides& st, const Window& win) {
+inline T window_max(const T* t, T a, T b, T coeff, const PlaneStrides& st, const Window& win) {
   T m = -std::numeric_limits<T>::infinity();
   for (int64_t r = win.r0; r < win.r1; ++r) {
     for (int64_t c = win.c0; c < win.c1; ++c) {
-      m = std::max(m, logit_of<GATED>(t[r * st.in_row + c * st.in_col], coeff));
+      m = std::max(m, logit_of<GATED>(t[r * st.in_row + c * st.in_col] * a + b, coeff));
     }
   }
   return m;
@@ -278,17 +286,17 @@ inline T window_max(const T* t, T coeff, const PlaneStrides& st, const Window& w
 
 // Per-window maximum subtracted before exp: finite for any finite logits. D is relative to it.
 template <typename T, bool GATED>
-void forward_plane_robust(const T* x, const T* t, T coeff, T* out, T* den, const Geometry& g,
+void forward_plane_robust(const T* x, const T* t, T a, T b, T coeff, T* out, T* den, const Geometry& g,
                           const PlaneStrides& st) {
   for (int64_t oh = 0; oh < g.Ho; ++oh) {
     for (int64_t ow = 0; ow < g.Wo; ++ow) {
       const Window win = window_at(g, oh, ow);
-      const T m = window_max<GATED>(t, coeff, st, win);
+      const T m = window_max<GATED>(t, a, b, coeff, st, win);
       T d = 0, n = 0;
       for (int64_t r = win.r0; r < win.r1; ++r) {
         for (int64_t c = win.c0; c < win.c1; ++c) {
           const int64_t i = r * st.in_row + c * st.in_col;
-          const T w = std::exp(logit_of<GATED>(t[i], coeff) - m);
+          const T w = std::exp(logit_of<GATED>(t[i] * a + b, coeff) - m);
           d += w;
           n += x[i] * w;
         }
@@ -367,34 +375,52 @@ void spread_channels(const T* __restrict go, const T* __restrict out, const T* _
   }
 }
 
-// dx = w * A and ds = w * (x * A - B) for one input row, A and B summed over its J window rows.
-template <typename T, int J, bool GATED>
-void backward_row(const T* __restrict xs, const T* __restrict ts, T coeff, const T* const* ar,
-                  const T* const* br, int64_t j_rt, T* __restrict dxr, T* __restrict dtr, int64_t n) {
+// dx = w * A and dz = w * (x * A - B) * ds/dz for one input row, A and B summed over its J window
+// rows; dt = dz * a, and dz * t and dz are added to the channel's sums s1 and s2.
+template <typename T, int J, bool GATED, bool NHWC>
+void backward_row(const T* __restrict xs, const T* __restrict ts, const T* __restrict sa, const T* __restrict sb,
+                  T coeff, const T* const* ar, const T* const* br, int64_t j_rt, T* __restrict dxr,
+                  T* __restrict dtr, T* __restrict s1, T* __restrict s2, int64_t pixels, int64_t cc) {
   const int64_t nj = J ? J : j_rt;
-  for (int64_t c = 0; c < n; ++c) {
+  auto one = [&](int64_t c, T a, T b, T& acc1, T& acc2) {
     T A = ar[0][c], B = br[0][c];
     for (int64_t j = 1; j < nj; ++j) {
       A += ar[j][c];
       B += br[j][c];
     }
+    const T v = ts[c] * a + b;
+    T slope = 1, s = v;
     if constexpr (GATED) {
-      T slope;
-      const T s = gate(ts[c], coeff, &slope);
-      const T w = exp_fast(s);
-      dxr[c] = w * A;
-      dtr[c] = w * (xs[c] * A - B) * slope;
-    } else {
-      const T w = exp_fast(ts[c]);
-      dxr[c] = w * A;
-      dtr[c] = w * (xs[c] * A - B);
+      s = gate(v, coeff, &slope);
     }
+    const T w = exp_fast(s);
+    const T dz = w * (xs[c] * A - B) * slope;
+    dxr[c] = w * A;
+    dtr[c] = dz * a;
+    acc1 += dz * ts[c];
+    acc2 += dz;
+  };
+  if constexpr (NHWC) {
+    for (int64_t px = 0; px < pixels; ++px) {
+      for (int64_t ch = 0; ch < cc; ++ch) {
+        one(px * cc + ch, sa[ch], sb[ch], s1[ch], s2[ch]);
+      }
+    }
+  } else {
+    T acc1 = 0, acc2 = 0;
+    const T a0 = sa[0], b0 = sb[0];
+    for (int64_t c = 0; c < pixels; ++c) {
+      one(c, a0, b0, acc1, acc2);
+    }
+    s1[0] += acc1;
+    s2[0] += acc2;
   }
 }
 
 template <typename T, int KT, int ST, bool GATED, bool NHWC>
-void backward_block(const T* x, const T* t, T coeff, const T* go, const T* out, const T* den, T* dx, T* dt,
-                    const Geometry& g, int64_t cc, BackwardScratch<T>& sc) {
+void backward_block(const T* x, const T* t, const T* sa, const T* sb, T coeff, const T* go, const T* out,
+                    const T* den, T* dx, T* dt, T* s1, T* s2, const Geometry& g, int64_t cc,
+                    BackwardScratch<T>& sc) {
   const int64_t K = KT ? KT : g.K, S = ST ? ST : g.S;
   constexpr int JT = KT ? (KT + ST - 1) / ST : 0;
   const int64_t J = (K + S - 1) / S;
@@ -427,16 +453,16 @@ void backward_block(const T* x, const T* t, T coeff, const T* go, const T* out, 
       sc.ar[j] = oh <= oh_hi ? sc.aring.data() + (oh % J) * rowlen + pc : sc.zero.data();
       sc.br[j] = oh <= oh_hi ? sc.bring.data() + (oh % J) * rowlen + pc : sc.zero.data();
     }
-    backward_row<T, JT, GATED>(x + r * in_row, t + r * in_row, coeff, sc.ar.data(), sc.br.data(), J, dxr, dtr,
-                               active);
+    backward_row<T, JT, GATED, NHWC>(x + r * in_row, t + r * in_row, sa, sb, coeff, sc.ar.data(), sc.br.data(), J,
+                                     dxr, dtr, s1, s2, g.cw, cc);
     std::fill(dxr + active, dxr + in_row, T(0));
     std::fill(dtr + active, dtr + in_row, T(0));
   }
 }
 
 template <typename T, bool GATED>
-void backward_plane_robust(const T* x, const T* t, T coeff, const T* go, const T* out, const T* den, T* dx,
-                           T* dt, const Geometry& g, const PlaneStrides& st) {
+void backward_plane_robust(const T* x, const T* t, T sa, T sb, T coeff, const T* go, const T* out, const T* den,
+                           T* dx, T* dt, T* s1, T* s2, const Geometry& g, const PlaneStrides& st) {
   for (int64_t r = 0; r < g.H; ++r) {
     for (int64_t c = 0; c < g.W; ++c) {
       dx[r * st.in_row + c * st.in_col] = 0;
@@ -446,24 +472,35 @@ void backward_plane_robust(const T* x, const T* t, T coeff, const T* go, const T
   for (int64_t oh = 0; oh < g.Ho; ++oh) {
     for (int64_t ow = 0; ow < g.Wo; ++ow) {
       const Window win = window_at(g, oh, ow);
-      const T m = window_max<GATED>(t, coeff, st, win);
+      const T m = window_max<GATED>(t, sa, sb, coeff, st, win);
       const int64_t o = oh * st.out_row + ow * st.out_col;
       const T a = go[o] / den[o];
       const T b = a * out[o];
       for (int64_t r = win.r0; r < win.r1; ++r) {
         for (int64_t c = win.c0; c < win.c1; ++c) {
           const int64_t i = r * st.in_row + c * st.in_col;
-          T s = t[i], slope = 1;
+          T s = t[i] * sa + sb, slope = 1;
           if constexpr (GATED) {
-            s = gate(t[i], coeff, &slope);
+            s = gate(s, coeff, &slope);
           }
           const T w = std::exp(s - m);
           dx[i] += w * a;
-          dt[i] += w * (x[i] * a - b) * slope;
+          dt[i] += w * (x[i] * a - b) * slope;  // dz here; scaled below
         }
       }
     }
   }
+  T acc1 = 0, acc2 = 0;
+  for (int64_t r = 0; r < g.H; ++r) {
+    for (int64_t c = 0; c < g.W; ++c) {
+      const int64_t i = r * st.in_row + c * st.in_col;
+      acc1 += dt[i] * t[i];
+      acc2 += dt[i];
+      dt[i] *= sa;
+    }
+  }
+  *s1 = acc1;
+  *s2 = acc2;
 }
 
 // Calls f with compile-time (K, S) for the common shapes, (0, 0) meaning "read from Geometry",
@@ -538,16 +575,34 @@ Geometry checked_geometry(const at::Tensor& x, const at::Tensor& t, bool nhwc, i
 
 int64_t block_grain(const Blocks& b) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, b.in_size)); }
 
+// The per-(n, c) scale and shift as contiguous (N, C) tensors of x's dtype, or ones and zeros.
+std::pair<at::Tensor, at::Tensor> plane_affine(const at::Tensor& x, const std::optional<at::Tensor>& scale,
+                                               const std::optional<at::Tensor>& shift) {
+  TORCH_CHECK(scale.has_value() == shift.has_value(), "lip_cpu: scale and shift go together");
+  if (!scale.has_value()) {
+    return {at::ones({x.size(0), x.size(1)}, x.options()), at::zeros({x.size(0), x.size(1)}, x.options())};
+  }
+  for (const auto* v : {&*scale, &*shift}) {
+    TORCH_CHECK(v->scalar_type() == x.scalar_type() && v->numel() == x.size(0) * x.size(1) && v->is_contiguous(),
+                "lip_cpu: scale and shift must be contiguous (N, C) tensors of x's dtype");
+  }
+  return {*scale, *shift};
+}
+
 std::vector<at::Tensor> lip_forward(const at::Tensor& x, const at::Tensor& t, double coeff, bool gated,
-                                       int64_t K, int64_t S, int64_t P, bool nhwc) {
+                                    int64_t K, int64_t S, int64_t P, bool nhwc,
+                                    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift) {
   const Geometry g = checked_geometry(x, t, nhwc, K, S, P);
   const Blocks blocks(x, g, nhwc);
+  const auto [sa, sb] = plane_affine(x, scale, shift);
   auto out = at::empty({x.size(0), x.size(1), g.Ho, g.Wo}, x.options().memory_format(layout_format(nhwc)));
   auto den = at::empty_like(out);
   auto robust = at::zeros({x.size(0), x.size(1)}, x.options().dtype(at::kBool));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lip_forward", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* tp = t.const_data_ptr<scalar_t>();
+    const scalar_t* ap = sa.const_data_ptr<scalar_t>();
+    const scalar_t* bp = sb.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     scalar_t* dp = den.data_ptr<scalar_t>();
     bool* rp = robust.data_ptr<bool>();
@@ -558,13 +613,14 @@ std::vector<at::Tensor> lip_forward(const at::Tensor& x, const at::Tensor& t, do
       at::parallel_for(0, blocks.count, block_grain(blocks), [&](int64_t begin, int64_t end) {
         ForwardScratch<scalar_t> sc(g, blocks.cc);
         for (int64_t b = begin; b < end; ++b) {
-          const int64_t in = b * blocks.in_size, o = b * blocks.out_size;
-          forward_block<scalar_t, KT, ST, GATED, NHWC>(xp + in, tp + in, c, op + o, dp + o, g, blocks.cc, sc);
+          const int64_t in = b * blocks.in_size, o = b * blocks.out_size, pl = b * blocks.cc;
+          forward_block<scalar_t, KT, ST, GATED, NHWC>(xp + in, tp + in, ap + pl, bp + pl, c, op + o, dp + o, g,
+                                                       blocks.cc, sc);
           for (int64_t ch = 0; ch < blocks.cc; ++ch) {
             if (sc.bad[ch]) {
-              forward_plane_robust<scalar_t, GATED>(xp + in + ch, tp + in + ch, c, op + o + ch, dp + o + ch, g,
-                                                    blocks.strides);
-              rp[b * blocks.cc + ch] = true;
+              forward_plane_robust<scalar_t, GATED>(xp + in + ch, tp + in + ch, ap[pl + ch], bp[pl + ch], c,
+                                                    op + o + ch, dp + o + ch, g, blocks.strides);
+              rp[pl + ch] = true;
             }
           }
         }
@@ -574,10 +630,13 @@ std::vector<at::Tensor> lip_forward(const at::Tensor& x, const at::Tensor& t, do
   return {out, den, robust};
 }
 
+// {dx, dt} and, with scale and shift, the per-plane sums {sum(dz * t), sum(dz)} of the pre-gate logit's
+// gradient dz (dt is then dz * scale).
 std::vector<at::Tensor> lip_backward(const at::Tensor& x, const at::Tensor& t, const at::Tensor& grad,
-                                        const at::Tensor& out, const at::Tensor& den,
-                                        const at::Tensor& robust, double coeff, bool gated, int64_t K,
-                                        int64_t S, int64_t P, bool nhwc) {
+                                     const at::Tensor& out, const at::Tensor& den, const at::Tensor& robust,
+                                     double coeff, bool gated, int64_t K, int64_t S, int64_t P, bool nhwc,
+                                     const std::optional<at::Tensor>& scale,
+                                     const std::optional<at::Tensor>& shift) {
   const Geometry g = checked_geometry(x, t, nhwc, K, S, P);
   for (const auto& [v, name] : {std::pair{&grad, "grad"}, std::pair{&out, "out"}, std::pair{&den, "den"}}) {
     check_tensor(*v, x, nhwc, name);
@@ -587,17 +646,24 @@ std::vector<at::Tensor> lip_backward(const at::Tensor& x, const at::Tensor& t, c
                   robust.is_contiguous(),
               "lip_cpu: robust must be a contiguous bool (N, C) tensor");
   const Blocks blocks(x, g, nhwc);
+  const auto [sa, sb] = plane_affine(x, scale, shift);
   auto dx = at::empty(x.sizes(), x.options().memory_format(layout_format(nhwc)));
   auto dt = at::empty(x.sizes(), x.options().memory_format(layout_format(nhwc)));
+  auto sum1 = at::zeros({x.size(0), x.size(1)}, x.options());
+  auto sum2 = at::zeros({x.size(0), x.size(1)}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lip_backward", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* tp = t.const_data_ptr<scalar_t>();
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     const scalar_t* op = out.const_data_ptr<scalar_t>();
     const scalar_t* dp = den.const_data_ptr<scalar_t>();
+    const scalar_t* ap = sa.const_data_ptr<scalar_t>();
+    const scalar_t* bp = sb.const_data_ptr<scalar_t>();
     const bool* rp = robust.const_data_ptr<bool>();
     scalar_t* dxp = dx.data_ptr<scalar_t>();
     scalar_t* dtp = dt.data_ptr<scalar_t>();
+    scalar_t* s1p = sum1.data_ptr<scalar_t>();
+    scalar_t* s2p = sum2.data_ptr<scalar_t>();
     const auto c = static_cast<scalar_t>(coeff);
     dispatch(K, S, gated, nhwc, [&](auto k, auto s, auto gate_flag, auto layout_flag) {
       constexpr int KT = decltype(k)::value, ST = decltype(s)::value;
@@ -605,22 +671,28 @@ std::vector<at::Tensor> lip_backward(const at::Tensor& x, const at::Tensor& t, c
       at::parallel_for(0, blocks.count, block_grain(blocks), [&](int64_t begin, int64_t end) {
         BackwardScratch<scalar_t> sc(g, blocks.cc);
         for (int64_t b = begin; b < end; ++b) {
-          const int64_t in = b * blocks.in_size, o = b * blocks.out_size;
-          const bool* rb = rp + b * blocks.cc;
+          const int64_t in = b * blocks.in_size, o = b * blocks.out_size, pl = b * blocks.cc;
+          const bool* rb = rp + pl;
           if (NHWC || !rb[0]) {
-            backward_block<scalar_t, KT, ST, GATED, NHWC>(xp + in, tp + in, c, gp + o, op + o, dp + o, dxp + in,
-                                                          dtp + in, g, blocks.cc, sc);
+            backward_block<scalar_t, KT, ST, GATED, NHWC>(xp + in, tp + in, ap + pl, bp + pl, c, gp + o, op + o,
+                                                          dp + o, dxp + in, dtp + in, s1p + pl, s2p + pl, g,
+                                                          blocks.cc, sc);
           }
           for (int64_t ch = 0; ch < blocks.cc; ++ch) {
             if (rb[ch]) {
-              backward_plane_robust<scalar_t, GATED>(xp + in + ch, tp + in + ch, c, gp + o + ch, op + o + ch,
-                                                     dp + o + ch, dxp + in + ch, dtp + in + ch, g, blocks.strides);
+              backward_plane_robust<scalar_t, GATED>(xp + in + ch, tp + in + ch, ap[pl + ch], bp[pl + ch], c,
+                                                     gp + o + ch, op + o + ch, dp + o + ch, dxp + in + ch,
+                                                     dtp + in + ch, s1p + pl + ch, s2p + pl + ch, g,
+                                                     blocks.strides);
             }
           }
         }
       });
     });
   });
+  if (scale.has_value()) {
+    return {dx, dt, sum1, sum2};
+  }
   return {dx, dt};
 }
 
@@ -630,10 +702,11 @@ std::vector<at::Tensor> lip_backward(const at::Tensor& x, const at::Tensor& t, c
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def(
       "forward(Tensor x, Tensor logit, float coeff, bool gated, int kernel_size, int stride, int padding, "
-      "bool channels_last) -> Tensor[]");
+      "bool channels_last, Tensor? scale=None, Tensor? shift=None) -> Tensor[]");
   m.def(
       "backward(Tensor x, Tensor logit, Tensor grad, Tensor out, Tensor den, Tensor robust, float coeff, "
-      "bool gated, int kernel_size, int stride, int padding, bool channels_last) -> Tensor[]");
+      "bool gated, int kernel_size, int stride, int padding, bool channels_last, Tensor? scale=None, "
+      "Tensor? shift=None) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
