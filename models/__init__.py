@@ -45,8 +45,12 @@ def list_models() -> list[str]:
     return list(_FACTORIES)
 
 
-def create_model(name: str, num_classes: int = 1000) -> nn.Module:
-    """Build a model with the reference init; unknown names raise a one-line ValueError listing valid ones."""
+def create_model(name: str, num_classes: int = 1000, **kwargs: object) -> nn.Module:
+    """Build a model with the reference init; unknown names raise a one-line ValueError listing valid ones.
+
+    Other keywords are the model's: for the LIP models timm's (drop_rate, drop_path_rate, global_pool,
+    output_stride, features_only, device, dtype, ...), with None meaning the default, as in timm.create_model.
+    """
     if name not in _FACTORIES:
         raise ValueError(f"unknown model '{name}'; valid models: {', '.join(_FACTORIES)}")
-    return _FACTORIES[name](num_classes=num_classes)
+    return _FACTORIES[name](num_classes=num_classes, **{k: v for k, v in kwargs.items() if v is not None})

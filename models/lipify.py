@@ -19,10 +19,11 @@ from collections.abc import Callable, Iterable
 
 import timm
 import torch
-from timm.models import register_model
+from timm.models import generate_default_cfgs, register_model
+from timm.models._builder import pretrained_cfg_for_features, resolve_pretrained_cfg
 from torch import nn
 
-from .layers import LOGIT_WIDTH, LIPPool, conv1x1, conv3x3, instance_norm
+from .layers import LOGIT_WIDTH, LIPPool, conv1x1, conv3x3, imagenet_cfg, instance_norm
 
 __all__ = ["LIP2d", "LIPConv2d", "LIPIFIED", "LOGIT_KINDS", "lipify", "logit_module"]
 
@@ -75,8 +76,6 @@ class LIPConv2d(nn.Conv2d):
     exactly what the stride-2 conv gave, for every input size.
     """
 
-    lip: LIP2d
-
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, lip: LIP2d) -> LIPConv2d:
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=1, padding=conv.padding,
@@ -87,17 +86,20 @@ class LIPConv2d(nn.Conv2d):
         return new.train(conv.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lip(super().forward(x))
+        return self.lip(self._conv_forward(x, self.weight, self.bias))
 
 
 def _stem_names(model: nn.Module) -> set[str]:
-    """timm's first_conv (a name or a list of names); without a timm config, the first Conv2d of the model."""
+    """timm's first_conv (a name or a list of names); without a timm config, the first Conv2d of the model.
+
+    A config name is matched with '.' and '_' taken as one, since timm's feature wrappers flatten
+    sequential modules (ConvNeXt's `stem.0` is `stem_0` in features_only models).
+    """
     first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
-    if isinstance(first, str):
-        return {first}
-    if isinstance(first, list | tuple):
-        return set(first)
-    return {next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), "")}
+    wanted = {first} if isinstance(first, str) else set(first) if isinstance(first, list | tuple) else set()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    found = {n for n in names if n in wanted or n.replace(".", "_") in {w.replace(".", "_") for w in wanted}}
+    return found or set(names[:1])
 
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
@@ -188,8 +190,14 @@ def lipify(model: nn.Module, logit: str = "depthwise", logit_width: int = LOGIT_
             if reference is not None:
                 new = new.to(device=reference.device, dtype=reference.dtype)
             new.train(module.training)
+        for hooks in _HOOK_DICTS:  # e.g. timm's FeatureHookNet hooks the layers it returns
+            getattr(new, hooks).update(getattr(module, hooks))
         setattr(parent, attr, new)
     return model
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
 
 
 def _pool_input_channels(model: nn.Module, names: list[str]) -> dict[str, int]:
@@ -233,35 +241,53 @@ LIPIFIED = {"lip_resnet18": "resnet18", "lip_efficientnet_b0": "efficientnet_b0"
 _LIPIFY_ARGS = ("logit", "logit_width", "convert_stem", "exclude")
 
 
-def _lipified(base: str, pretrained: bool, **kwargs: object) -> nn.Module:
-    """The base network's pretrained weights, or with pretrained_cfg_overlay=dict(file=...) a lipified file."""
+def _lipified_cfg(base: str) -> dict:
+    """Our training recipe's data config (layers.imagenet_cfg) with the base network's layer names."""
+    cfg = timm.models.get_pretrained_cfg(base)
+    return imagenet_cfg(first_conv=cfg.first_conv, classifier=cfg.classifier, pool_size=cfg.pool_size)
+
+
+default_cfgs = generate_default_cfgs({name: _lipified_cfg(base) for name, base in LIPIFIED.items()})
+
+
+def _lipified(variant: str, pretrained: bool, **kwargs: object) -> nn.Module:
+    """The base network's pretrained weights, or with pretrained_cfg_overlay=dict(file=...) a lipified file.
+
+    The model reports its own pretrained_cfg (architecture `variant`, our recipe's data config), not the
+    base network's.
+    """
     options = {k: kwargs.pop(k) for k in _LIPIFY_ARGS if k in kwargs}
-    file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")  # type: ignore[union-attr]
-    model = lipify(timm.create_model(base, pretrained=pretrained and not file, **kwargs), **options)  # type: ignore[arg-type]
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    cfg = resolve_pretrained_cfg(variant, kwargs.pop("pretrained_cfg", None), overlay).to_dict()  # type: ignore[arg-type]
+    file = overlay.get("file")  # type: ignore[union-attr]
+    model = lipify(timm.create_model(LIPIFIED[variant], pretrained=pretrained and not file, **kwargs),  # type: ignore[arg-type]
+                   **options)
     if pretrained and file:
         timm.models.load_checkpoint(model, file)  # strict: the file must hold the logit modules too
+    model.pretrained_cfg = pretrained_cfg_for_features(cfg) if kwargs.get("features_only") else cfg
+    model.default_cfg = model.pretrained_cfg
     return model
 
 
 @register_model
 def lip_resnet18(pretrained: bool = False, **kwargs: object) -> nn.Module:
     """timm ResNet-18 (BasicBlock) with LIP for its max-pool and stride-2 convs."""
-    return _lipified("resnet18", pretrained, **kwargs)
+    return _lipified("lip_resnet18", pretrained, **kwargs)
 
 
 @register_model
 def lip_efficientnet_b0(pretrained: bool = False, **kwargs: object) -> nn.Module:
     """timm EfficientNet-B0 with LIP after its stride-2 depthwise convs."""
-    return _lipified("efficientnet_b0", pretrained, **kwargs)
+    return _lipified("lip_efficientnet_b0", pretrained, **kwargs)
 
 
 @register_model
 def lip_convnext_atto(pretrained: bool = False, **kwargs: object) -> nn.Module:
     """timm ConvNeXt-Atto with LIP after its 2x2 stride-2 downsampling convs (the 4x4/4 stem is kept)."""
-    return _lipified("convnext_atto", pretrained, **kwargs)
+    return _lipified("lip_convnext_atto", pretrained, **kwargs)
 
 
 @register_model
 def lip_vgg11_bn(pretrained: bool = False, **kwargs: object) -> nn.Module:
     """timm VGG-11-BN with LIP for its 2x2 max-pools."""
-    return _lipified("vgg11_bn", pretrained, **kwargs)
+    return _lipified("lip_vgg11_bn", pretrained, **kwargs)

@@ -169,3 +169,29 @@ def test_lipified_model_on_cuda_matches_the_cpu(name: str) -> None:
         loss = F.cross_entropy(cuda(x.cuda()), torch.arange(4).cuda())
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in cuda.parameters() if p.grad is not None)
+
+
+def test_features_only_keeps_the_stem_under_timms_flattened_names() -> None:
+    model = timm.create_model("lip_convnext_atto", features_only=True)  # the wrapper names stem.0 stem_0
+    stem = model.get_submodule("stem_0")
+    assert type(stem) is nn.Conv2d and stem.stride == (4, 4)
+    assert sum(isinstance(m, LIPConv2d) for m in model.modules()) == 3  # the three stage downsamplings
+    assert [f.shape[1] for f in model(torch.randn(1, 3, 32, 32))] == model.feature_info.channels()
+
+
+def test_lipified_models_report_their_own_config() -> None:
+    model = timm.create_model("lip_resnet18")
+    cfg = model.pretrained_cfg
+    assert cfg["architecture"] == "lip_resnet18" and cfg["first_conv"] == "conv1" and cfg["classifier"] == "fc"
+    assert timm.data.resolve_data_config({}, model=model)["interpolation"] == "bilinear"
+    assert timm.data.resolve_data_config({}, model=model)["crop_pct"] == 0.875
+
+
+def test_hooks_on_a_converted_layer_move_to_its_lip() -> None:
+    model = timm.create_model("resnet18", num_classes=2)
+    seen: list[tuple[int, ...]] = []
+    model.maxpool.register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape)))
+    lipify(model)
+    seen.clear()  # lipify's own probe forward ran the max-pool
+    model.eval()(torch.randn(1, 3, 32, 32))
+    assert isinstance(model.maxpool, LIP2d) and seen == [(1, 64, 8, 8)]
